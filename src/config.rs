@@ -1,0 +1,564 @@
+//! Typed configuration: defaults, layering (built-in < file < environment < CLI), validation.
+//!
+//! Owns: every configuration key, its default (as a named const), how durations (`"500ms"`) and
+//! sizes (`"64MiB"`) are written, the `SIDECACHE_*` environment mapping, `validate()` (which
+//! lists every problem, not just the first), and the redacted rendering for `--print-config`.
+//! Does not own: what the settings do once loaded.
+//!
+//! The environment is read through a caller-supplied list of `(name, value)` pairs, so tests
+//! never touch the process environment.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Default client listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
+/// Default admin HTTP listen address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// Default upstream URL.
+pub const DEFAULT_UPSTREAM: &str = "redis://127.0.0.1:6379";
+/// Default time in-flight commands get to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default pipelined connections per (user, database, protocol).
+pub const DEFAULT_POOL_SIZE: usize = 2;
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default cap on reconnect backoff.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Default maximum of client connections (Redis `maxclients` default).
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// Default longest bulk argument (Redis `proto-max-bulk-len`).
+pub const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
+/// Default most arguments per command.
+pub const DEFAULT_MAX_ARGS: usize = 1024 * 1024;
+/// Default longest inline command (Redis `PROTO_INLINE_MAX_SIZE`).
+pub const DEFAULT_MAX_INLINE: u64 = 64 * 1024;
+/// Default deepest reply nesting accepted from Redis.
+pub const DEFAULT_MAX_REPLY_DEPTH: usize = 1024;
+/// Default largest single reply accepted from Redis.
+pub const DEFAULT_MAX_REPLY: u64 = 1024 * 1024 * 1024;
+/// Default time a started request frame may take to complete.
+pub const DEFAULT_FRAME_DEADLINE: Duration = Duration::from_secs(30);
+/// Default cap of reply bytes waiting to be written to one client.
+pub const DEFAULT_MAX_OUTPUT: u64 = 256 * 1024 * 1024;
+/// Default commands in flight per client before sidecache stops reading it.
+pub const DEFAULT_MAX_PIPELINE: usize = 1024;
+/// Commands denied by default.
+pub const DEFAULT_DENY: [&str; 3] = ["DEBUG", "SHUTDOWN", "MONITOR"];
+
+/// Exit code for configuration problems (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address clients connect to.
+    pub listen: String,
+    /// Address of the admin HTTP server (`/metrics`, `/livez`, `/readyz`).
+    pub admin_listen: String,
+    /// Time in-flight commands get to finish after SIGTERM/SIGINT.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `sidecache=debug,info`…).
+    pub log_level: String,
+    /// The Redis server.
+    pub upstream: UpstreamConfig,
+    /// Protective limits.
+    pub limits: LimitsConfig,
+    /// Commands refused by policy.
+    pub security: SecurityConfig,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub url: String,
+    /// A file holding the password (a mounted Kubernetes Secret); overrides the URL's password.
+    pub password_file: Option<PathBuf>,
+    /// Pipelined connections per (user, database, protocol).
+    pub pool_size: usize,
+    /// Connect (and handshake) timeout.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Cap of the reconnect backoff.
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most client connections; more are refused with Redis's error.
+    pub max_clients: usize,
+    /// Longest bulk argument in a request.
+    #[serde(with = "size")]
+    pub max_bulk_bytes: u64,
+    /// Most arguments in one command.
+    pub max_args: usize,
+    /// Longest inline command or length header.
+    #[serde(with = "size")]
+    pub max_inline_bytes: u64,
+    /// Deepest nesting accepted in a reply from Redis.
+    pub max_reply_depth: usize,
+    /// Largest single reply accepted from Redis.
+    #[serde(with = "size")]
+    pub max_reply_bytes: u64,
+    /// Time a started request may take to arrive completely (`0s` = no deadline).
+    #[serde(with = "duration")]
+    pub frame_deadline: Duration,
+    /// Idle client connections are closed after this (`0s` = never, like Redis `timeout 0`).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Reply bytes waiting for one client beyond which it is disconnected (Redis's
+    /// client-output-buffer-limit behaviour).
+    #[serde(with = "size")]
+    pub max_output_bytes: u64,
+    /// Commands in flight per client; beyond it sidecache stops reading that client.
+    pub max_pipeline: usize,
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Command names answered with `-NOPERM` instead of being forwarded.
+    pub deny: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            upstream: UpstreamConfig::default(),
+            limits: LimitsConfig::default(),
+            security: SecurityConfig::default(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM.into(),
+            password_file: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_bulk_bytes: DEFAULT_MAX_BULK,
+            max_args: DEFAULT_MAX_ARGS,
+            max_inline_bytes: DEFAULT_MAX_INLINE,
+            max_reply_depth: DEFAULT_MAX_REPLY_DEPTH,
+            max_reply_bytes: DEFAULT_MAX_REPLY,
+            frame_deadline: DEFAULT_FRAME_DEADLINE,
+            idle_timeout: Duration::ZERO,
+            max_output_bytes: DEFAULT_MAX_OUTPUT,
+            max_pipeline: DEFAULT_MAX_PIPELINE,
+        }
+    }
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig { deny: DEFAULT_DENY.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+/// Values given on the command line; each overrides every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+}
+
+/// Everything wrong with a configuration, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// The problems, each naming its key.
+    pub problems: Vec<String>,
+}
+
+/// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
+const ENV_KEYS: [(&str, &str); 9] = [
+    ("LISTEN", "listen"),
+    ("ADMIN_LISTEN", "admin_listen"),
+    ("SHUTDOWN_GRACE", "shutdown_grace"),
+    ("LOG_FORMAT", "log_format"),
+    ("LOG_LEVEL", "log_level"),
+    ("UPSTREAM", "upstream.url"),
+    ("UPSTREAM__", "upstream."),
+    ("LIMITS__", "limits."),
+    ("SECURITY__", "security."),
+];
+
+/// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
+/// example the `SIDECACHE_PORT` variables Kubernetes injects for a Service named sidecache).
+fn env_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("SIDECACHE_")?;
+    for (env, key) in ENV_KEYS {
+        if let Some(tail) = env.strip_suffix("__") {
+            if let Some(field) = rest.strip_prefix(env) {
+                if !field.is_empty() && !field.contains("__") {
+                    return Some(format!("{}{}", key, field.to_ascii_lowercase()));
+                }
+                let _ = tail;
+            }
+        } else if rest == env {
+            return Some(key.to_string());
+        }
+    }
+    None
+}
+
+/// Parses an environment value the way a TOML value would be written, falling back to a string.
+fn env_value(raw: &str) -> figment::value::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(t) => match t.get("v").cloned() {
+            Some(v) => figment::value::Value::serialize(v).unwrap_or_else(|_| raw.into()),
+            None => raw.into(),
+        },
+        Err(_) => raw.into(),
+    }
+}
+
+impl Config {
+    /// Loads the configuration from the built-in defaults, `file` (if any), the environment
+    /// pairs and the CLI overrides, then validates it.
+    pub fn load(file: Option<&Path>, env: &[(String, String)], cli: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError { problems: vec![format!("config file {} does not exist", path.display())] });
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        for (name, value) in env {
+            if let Some(key) = env_key(name) {
+                fig = fig.merge(Serialized::default(&key, env_value(value)));
+            }
+        }
+        let pairs = [
+            ("listen", cli.listen.clone()),
+            ("upstream.url", cli.upstream.clone()),
+            ("admin_listen", cli.admin_listen.clone()),
+            ("log_level", cli.log_level.clone()),
+            ("log_format", cli.log_format.map(|f| if f == LogFormat::Json { "json".into() } else { "text".into() })),
+        ];
+        for (key, value) in pairs {
+            if let Some(value) = value {
+                fig = fig.merge(Serialized::default(key, value));
+            }
+        }
+        let config: Config = fig.extract().map_err(|err| ConfigError {
+            problems: err.into_iter().map(|e| e.to_string().replace("default.", "")).collect(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; lists every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (key, addr) in [("listen", &self.listen), ("admin_listen", &self.admin_listen)] {
+            if let Err(e) = resolve(addr) {
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+        match UpstreamTarget::parse(&self.upstream.url) {
+            Ok(_) => {}
+            Err(e) => problems.push(format!("upstream.url: {e}")),
+        }
+        if let Some(path) = &self.upstream.password_file {
+            if let Err(e) = std::fs::read(path) {
+                problems.push(format!("upstream.password_file: cannot read {}: {e}", path.display()));
+            }
+        }
+        if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
+            problems.push("upstream.pool_size: must be between 1 and 64".into());
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            problems.push("upstream.connect_timeout: must be greater than 0".into());
+        }
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_clients", l.max_clients as u64),
+            ("limits.max_bulk_bytes", l.max_bulk_bytes),
+            ("limits.max_args", l.max_args as u64),
+            ("limits.max_inline_bytes", l.max_inline_bytes),
+            ("limits.max_reply_depth", l.max_reply_depth as u64),
+            ("limits.max_reply_bytes", l.max_reply_bytes),
+            ("limits.max_output_bytes", l.max_output_bytes),
+            ("limits.max_pipeline", l.max_pipeline as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if l.max_args > i32::MAX as usize {
+            problems.push("limits.max_args: must be at most 2147483647".into());
+        }
+        if l.max_bulk_bytes > DEFAULT_MAX_BULK * 4 {
+            problems.push("limits.max_bulk_bytes: must be at most 2GiB".into());
+        }
+        for name in &self.security.deny {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push(format!("security.deny: {name:?} is not a command name"));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError { problems }) }
+    }
+
+    /// The effective configuration as TOML, with secrets replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.upstream.url = redact_url(&shown.upstream.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// The upstream target, with the password file applied.
+    pub fn upstream_target(&self) -> Result<UpstreamTarget, String> {
+        let mut target = UpstreamTarget::parse(&self.upstream.url)?;
+        if let Some(path) = &self.upstream.password_file {
+            let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let trimmed = raw.strip_suffix(b"\n").unwrap_or(&raw);
+            let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+            target.password = Some(trimmed.to_vec());
+        }
+        Ok(target)
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("{addr:?} is not a host:port address ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// Resolves a configured `host:port` to one socket address.
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    resolve(addr)
+}
+
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Where and as whom sidecache connects to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// ACL user, if any.
+    pub username: Option<Vec<u8>>,
+    /// Password, if any.
+    pub password: Option<Vec<u8>>,
+    /// Database selected for clients that never send `SELECT`.
+    pub db: u32,
+}
+
+impl UpstreamTarget {
+    /// Parses `redis://[user:pass@]host:port[/db]`.
+    pub fn parse(raw: &str) -> Result<UpstreamTarget, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        match url.scheme() {
+            "redis" => {}
+            "rediss" => return Err("TLS upstreams (rediss://) are not supported yet".into()),
+            other => return Err(format!("scheme {other:?} is not supported (use redis://)")),
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("the URL has no host")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = url.port().unwrap_or(6379);
+        let decode = |s: &str| -> Vec<u8> { percent_encoding::percent_decode_str(s).collect() };
+        let username = Some(url.username()).filter(|u| !u.is_empty()).map(decode);
+        let password = url.password().map(decode);
+        let path = url.path().trim_start_matches('/');
+        let db = if path.is_empty() {
+            0
+        } else {
+            path.parse::<u32>().map_err(|_| format!("database {path:?} is not a number"))?
+        };
+        Ok(UpstreamTarget { host, port, username, password, db })
+    }
+}
+
+/// Serde for durations written with a unit: `"500ms"`, `"30s"`, `"5m"`, `"6h"`, `"1d"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the duration back in the same notation.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string().replace(' ', ""))
+    }
+
+    /// Reads a duration string with a unit.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse(&raw).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses `"500ms"`, `"1d"`, `"0s"`; a bare number is refused because its unit is unclear.
+    pub fn parse(raw: &str) -> Result<Duration, String> {
+        humantime::parse_duration(raw.trim())
+            .map_err(|e| format!("{raw:?} is not a duration with a unit such as 500ms, 30s, 5m, 6h or 1d ({e})"))
+    }
+}
+
+/// Serde for sizes written with a unit: `"64MiB"`, `"512KiB"`, `"1GiB"`.
+pub mod size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the size with the largest exact binary unit.
+    pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&render(*n))
+    }
+
+    /// Reads a size string with a unit (or a plain number of bytes).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(n),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// Parses `"64MiB"`, `"1 GiB"`, `"4096"`.
+    pub fn parse(raw: &str) -> Result<u64, String> {
+        raw.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| format!("{raw:?} is not a size such as 64MiB ({e})"))
+    }
+
+    /// `67108864` → `"64MiB"`.
+    pub fn render(n: u64) -> String {
+        for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= scale && n % scale == 0 {
+                return format!("{}{unit}", n / scale);
+            }
+        }
+        format!("{n}B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn precedence_is_cli_then_env_then_file() {
+        let dir = std::env::temp_dir().join(format!("sidecache-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7001\"\n[limits]\nmax_clients = 5\n").unwrap();
+        let env = vec![
+            ("SIDECACHE_ADMIN_LISTEN".to_string(), "127.0.0.1:7002".to_string()),
+            ("SIDECACHE_LIMITS__MAX_OUTPUT_BYTES".to_string(), "1MiB".to_string()),
+            ("SIDECACHE_UPSTREAM".to_string(), "redis://10.0.0.1:6390/2".to_string()),
+            ("SIDECACHE_PORT_6380_TCP".to_string(), "tcp://10.0.0.9:6380".to_string()),
+        ];
+        let cli = Overrides { listen: Some("127.0.0.1:7003".into()), ..Default::default() };
+        let c = Config::load(Some(&file), &env, &cli).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7003");
+        assert_eq!(c.admin_listen, "127.0.0.1:7002");
+        assert_eq!(c.limits.max_clients, 5);
+        assert_eq!(c.limits.max_output_bytes, 1 << 20);
+        assert_eq!(c.upstream_target().unwrap().db, 2);
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let mut c = Config::default();
+        c.listen = "nowhere".into();
+        c.upstream.url = "http://x".into();
+        c.limits.max_clients = 0;
+        let problems = c.validate().unwrap_err().problems;
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn units_round_trip() {
+        assert_eq!(size::parse("64MiB").unwrap(), 64 << 20);
+        assert_eq!(size::render(64 << 20), "64MiB");
+        assert_eq!(duration::parse("1d").unwrap(), Duration::from_secs(86400));
+        assert!(duration::parse("10").is_err());
+    }
+
+    #[test]
+    fn urls_parse_with_credentials_and_db() {
+        let t = UpstreamTarget::parse("redis://app:s%40cret@localhost:6390/3").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("localhost", 6390, 3));
+        assert_eq!(t.username.as_deref(), Some(&b"app"[..]));
+        assert_eq!(t.password.as_deref(), Some(&b"s@cret"[..]));
+        let mut c = Config::default();
+        c.upstream.url = "redis://app:secret@localhost:6390".into();
+        assert!(!c.to_redacted_toml().contains("secret"));
+    }
+}

@@ -1,0 +1,145 @@
+//! The `sidecache` binary: CLI → configuration → logging → run; signals; exit codes.
+//!
+//! Exit codes: 0 after a clean shutdown or a valid `--check-config`, 64 (EX_USAGE) for any
+//! configuration problem, 1 when a port cannot be bound.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use sidecache::config::{Config, EXIT_CONFIG, LogFormat, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// A caching sidecar for Redis.
+#[derive(Debug, Parser)]
+#[command(name = "sidecache", version, about)]
+struct Cli {
+    /// TOML configuration file (see config/sidecache.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address clients connect to [default: 127.0.0.1:6380].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Redis to forward to: redis://[user:pass@]host:port[/db] [default: redis://127.0.0.1:6379].
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Admin HTTP address for /metrics, /livez, /readyz [default: 127.0.0.1:9180].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Validate the configuration and exit (0 valid, 64 invalid).
+    #[arg(long)]
+    check_config: bool,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log level or filter (error, warn, info, debug, trace, or an env-filter expression).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn env_pairs() -> Vec<(String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("SIDECACHE_")).collect()
+}
+
+fn load(cli: &Cli) -> Result<Config, sidecache::config::ConfigError> {
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        upstream: cli.upstream.clone(),
+        admin_listen: cli.admin_listen.clone(),
+        log_format: cli.log_format,
+        log_level: cli.log_level.clone(),
+    };
+    Config::load(cli.config.as_deref(), &env_pairs(), &overrides)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("sidecache: invalid configuration: {problem}");
+            }
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        println!("configuration is valid");
+        return;
+    }
+    if cli.print_config {
+        print!("{}", config.to_redacted_toml());
+        return;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidecache: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run(cli, config));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli, config: Config) -> i32 {
+    let server = match sidecache::Server::bind(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start.");
+            return match e {
+                sidecache::server::StartError::Config(_) => EXIT_CONFIG,
+                _ => 1,
+            };
+        }
+    };
+    tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "sidecache started.");
+    let shutdown = CancellationToken::new();
+    let reload = server.reload_handle();
+    tokio::spawn(signals(cli, shutdown.clone(), reload));
+    server.run(shutdown).await;
+    tracing::info!("Stopped.");
+    0
+}
+
+async fn signals(cli: Cli, shutdown: CancellationToken, reload: sidecache::ReloadHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("Cannot install signal handlers.");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!(signal = "SIGTERM", "Shutdown requested.");
+                shutdown.cancel();
+            }
+            _ = int.recv() => {
+                tracing::info!(signal = "SIGINT", "Shutdown requested.");
+                shutdown.cancel();
+            }
+            _ = hup.recv() => match load(&cli) {
+                Ok(config) => {
+                    reload.apply(&config);
+                    tracing::info!(signal = "SIGHUP", "Configuration reloaded.");
+                }
+                Err(e) => tracing::error!(signal = "SIGHUP", problems = %e, "New configuration rejected; keeping the current one."),
+            },
+        }
+    }
+}

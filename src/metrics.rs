@@ -1,0 +1,140 @@
+//! Every metric sidecache exports: names, descriptions, label sets, buckets, and cached handles.
+//!
+//! Owns: installing the Prometheus recorder (once per process), histogram buckets (so histograms
+//! are exported as histograms, not summaries), and `Metrics`, a set of handles resolved once so
+//! the hot path increments without allocating or formatting. Does not own: serving `/metrics`
+//! (see `admin`) or deciding when to count (callers do).
+//!
+//! Labels come only from closed sets (`Family::as_str`, `PROTOCOL_ERROR_KINDS`), never from
+//! keys or client addresses.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::command::Family;
+
+/// Commands handled, by family.
+pub const COMMANDS_TOTAL: &str = "sidecache_commands_total";
+/// Time from a command's arrival to its reply being ready, by family.
+pub const COMMAND_DURATION: &str = "sidecache_command_duration_seconds";
+/// Open client connections.
+pub const CLIENT_CONNECTIONS: &str = "sidecache_client_connections";
+/// Client connections refused because `max_clients` was reached.
+pub const CLIENTS_REJECTED: &str = "sidecache_client_rejected_total";
+/// 1 when the upstream Redis answers health checks.
+pub const UPSTREAM_UP: &str = "sidecache_upstream_up";
+/// Open upstream connections (pooled and dedicated).
+pub const UPSTREAM_CONNECTIONS: &str = "sidecache_upstream_connections";
+/// Upstream connection attempts that failed.
+pub const UPSTREAM_CONNECT_FAILURES: &str = "sidecache_upstream_connect_failures_total";
+/// Malformed input, by kind.
+pub const PROTOCOL_ERRORS: &str = "sidecache_protocol_errors_total";
+
+/// The closed set of `kind` labels of `sidecache_protocol_errors_total`.
+pub const PROTOCOL_ERROR_KINDS: [&str; 9] = [
+    "invalid_multibulk_length",
+    "expected_bulk",
+    "invalid_bulk_length",
+    "inline_too_big",
+    "unbalanced_quotes",
+    "frame_deadline",
+    "idle_timeout",
+    "output_buffer",
+    "upstream_reply",
+];
+
+/// Latency buckets in seconds: 25 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (idempotent) and returns its render handle.
+/// The caller must run `handle.run_upkeep()` periodically (the admin server does).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("bucket list is not empty");
+            let handle = match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (only possible when embedded); render an empty
+                // private one rather than fail.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(COMMANDS_TOTAL, "Commands handled, by command family.");
+    describe_histogram!(COMMAND_DURATION, metrics::Unit::Seconds, "Time from a command's arrival to its reply, by family.");
+    describe_gauge!(CLIENT_CONNECTIONS, "Open client connections.");
+    describe_counter!(CLIENTS_REJECTED, "Client connections refused because max_clients was reached.");
+    describe_gauge!(UPSTREAM_UP, "1 when the upstream Redis answers health checks, else 0.");
+    describe_gauge!(UPSTREAM_CONNECTIONS, "Open connections to the upstream Redis.");
+    describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to the upstream Redis.");
+    describe_counter!(PROTOCOL_ERRORS, "Malformed input from clients or Redis, by kind.");
+}
+
+/// Handles resolved once; cheap to use on every command.
+pub struct Metrics {
+    commands: Vec<Counter>,
+    durations: Vec<Histogram>,
+    protocol_errors: Vec<Counter>,
+    /// `sidecache_client_connections`.
+    pub clients: Gauge,
+    /// `sidecache_client_rejected_total`.
+    pub clients_rejected: Counter,
+    /// `sidecache_upstream_up`.
+    pub upstream_up: Gauge,
+    /// `sidecache_upstream_connections`.
+    pub upstream_connections: Gauge,
+    /// `sidecache_upstream_connect_failures_total`.
+    pub upstream_connect_failures: Counter,
+}
+
+impl Metrics {
+    /// The process-wide handles (installs the recorder on first use).
+    pub fn get() -> &'static Metrics {
+        METRICS.get_or_init(|| {
+            install();
+            let families = Family::ALL;
+            let metrics = Metrics {
+                commands: families.iter().map(|f| counter!(COMMANDS_TOTAL, "family" => f.as_str())).collect(),
+                durations: families.iter().map(|f| histogram!(COMMAND_DURATION, "family" => f.as_str())).collect(),
+                protocol_errors: PROTOCOL_ERROR_KINDS.iter().map(|k| counter!(PROTOCOL_ERRORS, "kind" => *k)).collect(),
+                clients: gauge!(CLIENT_CONNECTIONS),
+                clients_rejected: counter!(CLIENTS_REJECTED),
+                upstream_up: gauge!(UPSTREAM_UP),
+                upstream_connections: gauge!(UPSTREAM_CONNECTIONS),
+                upstream_connect_failures: counter!(UPSTREAM_CONNECT_FAILURES),
+            };
+            // Make every series visible from the start, so rate() and alerts see zeros.
+            for c in metrics.commands.iter().chain(&metrics.protocol_errors) {
+                c.increment(0);
+            }
+            metrics
+        })
+    }
+
+    /// Counts one command of `family` that took `seconds`.
+    pub fn command(&self, family: Family, seconds: f64) {
+        let i = family as usize;
+        self.commands[i].increment(1);
+        self.durations[i].record(seconds);
+    }
+
+    /// Counts one protocol error; `kind` must be one of `PROTOCOL_ERROR_KINDS`.
+    pub fn protocol_error(&self, kind: &str) {
+        if let Some(i) = PROTOCOL_ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.protocol_errors[i].increment(1);
+        }
+    }
+}

@@ -1,0 +1,1046 @@
+//! One client connection: read a batch of commands, route each, answer in request order.
+//!
+//! Owns: the per-client state Redis keeps per connection (credentials, database, protocol,
+//! name, transaction, watches, subscriptions, reply mode), the choice of where each command runs,
+//! and the ordering of replies. Does not own: framing (`protocol`), command recognition
+//! (`command`) or the upstream sockets (`upstream`).
+//!
+//! Two tasks per client. The *reader* parses a batch, decides for each command, and pushes one
+//! reply *slot* per command, in order, onto a bounded channel (the bound is `max_pipeline`: when
+//! the client's replies pile up, the reader stops reading it). The *writer* resolves slots in
+//! order — a local reply, a oneshot filled by a multiplexed connection, or N frames from the
+//! session's dedicated connection — and writes everything that is ready in one write.
+//!
+//! Where commands run:
+//! - stateless commands are queued on the session's slot of the pool for its (user, db,
+//!   protocol), in one batch per read;
+//! - while the session needs a connection of its own (`MULTI`, `WATCH`, subscriptions,
+//!   `CLIENT REPLY OFF`, `CLIENT TRACKING`/`ID`/…, `MONITOR`) or for one blocking command, they
+//!   go to a dedicated connection opened with the session's state replayed;
+//! - before commands move from one connection to the other, the reader waits (a barrier slot)
+//!   until every reply from the previous one is in: a session's commands reach Redis in order.
+//!
+//! `SELECT`, `AUTH` and `HELLO` move the session to another pool; the pool's handshake checks
+//! them first, so errors are Redis's own.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::command::{Command, Family, Kind, SubKind};
+use crate::protocol::encode::{self, Proto};
+use crate::protocol::reply;
+use crate::protocol::{RequestError, RequestParser};
+use crate::server::Context;
+use crate::upstream::{Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter};
+
+/// Bytes gathered before the writer flushes even if more replies are ready.
+const FLUSH_AT: usize = 64 * 1024;
+/// Read buffer reservation per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long a closing session waits for its last replies to be written.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Timing and labelling of one command, recorded when its reply is ready.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    family: Family,
+    start: Instant,
+}
+
+/// One reply position in the client's stream.
+enum Slot {
+    /// A reply sidecache computed.
+    Local(Bytes, Option<Meta>),
+    /// A reply coming from a multiplexed connection.
+    Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Meta),
+    /// `count` frames coming from the dedicated connection; the first `skip` are sidecache's
+    /// own and not shown; the first shown one is also sent to `report`.
+    Pinned { count: usize, skip: usize, meta: Option<Meta>, report: Option<oneshot::Sender<Bytes>>, monitor: bool },
+    /// From now on, frames of this dedicated connection arrive here.
+    Attach(mpsc::Receiver<PinnedFrame>),
+    /// The dedicated connection is being closed on purpose (its end is not a failure).
+    Detach,
+    /// Signals the reader once every earlier slot is resolved.
+    Barrier(oneshot::Sender<()>),
+    /// Write everything before this, then close the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    SkipNext,
+}
+
+/// Connection state as Redis would keep it for this client.
+#[derive(Debug, Clone)]
+struct State {
+    creds: Option<Creds>,
+    db: u32,
+    proto: Proto,
+    name: Option<Bytes>,
+    in_multi: bool,
+    /// A command was refused locally while queuing: `EXEC` must abort, as Redis's would.
+    multi_dirty: bool,
+    watching: bool,
+    /// The dedicated connection's state is authoritative for good (connection-scoped commands).
+    sticky: bool,
+    monitor: bool,
+    reply_mode: ReplyMode,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shards: HashSet<Bytes>,
+}
+
+impl State {
+    fn new(key: &PoolKey) -> State {
+        State {
+            creds: key.creds.clone(),
+            db: key.db,
+            proto: key.proto,
+            name: None,
+            in_multi: false,
+            multi_dirty: false,
+            watching: false,
+            sticky: false,
+            monitor: false,
+            reply_mode: ReplyMode::On,
+            channels: HashSet::new(),
+            patterns: HashSet::new(),
+            shards: HashSet::new(),
+        }
+    }
+
+    fn key(&self) -> PoolKey {
+        PoolKey { creds: self.creds.clone(), db: self.db, proto: self.proto }
+    }
+
+    fn needs_pin(&self) -> bool {
+        self.in_multi
+            || self.watching
+            || self.sticky
+            || self.monitor
+            || self.reply_mode != ReplyMode::On
+            || !self.channels.is_empty()
+            || !self.patterns.is_empty()
+            || !self.shards.is_empty()
+    }
+
+    fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {
+        match kind {
+            SubKind::Channel => &mut self.channels,
+            SubKind::Pattern => &mut self.patterns,
+            SubKind::Shard => &mut self.shards,
+        }
+    }
+
+    fn handshake(&self) -> Handshake {
+        Handshake { creds: self.creds.clone(), db: self.db, proto: self.proto, name: self.name.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Nowhere,
+    Pool,
+    Pinned,
+}
+
+/// Why the reader stopped.
+enum Stop {
+    /// The client closed or the connection failed: drop everything now.
+    Abort,
+    /// Write what is pending, then close (QUIT, protocol error, shutdown).
+    Drain,
+}
+
+/// Serves one client until it disconnects, is disconnected, or the server shuts down.
+pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let policy = ctx.policy.load_full();
+    let kill = CancellationToken::new();
+    let budget = Arc::new(ReplyBudget::new(policy.max_output_bytes, kill.clone()));
+    let (rd, wr) = stream.into_split();
+    let (slots_tx, slots_rx) = mpsc::channel(policy.max_pipeline);
+    let writer = tokio::spawn(write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone()));
+    let initial = ctx.upstream.initial_key();
+    let mut session = Reader {
+        ctx,
+        id,
+        state: State::new(&initial),
+        slots: slots_tx,
+        budget,
+        batch: None,
+        pinned: None,
+        pinned_out: BytesMut::new(),
+        target: Target::Nowhere,
+        sent_since_barrier: false,
+        pool: None,
+    };
+    let stop = session.run(rd, &kill, &shutdown).await;
+    match stop {
+        Stop::Abort => {
+            session.pinned = None;
+            drop(session);
+            kill.cancel();
+            let _ = writer.await;
+        }
+        Stop::Drain => {
+            let _ = session.flush().await;
+            let _ = session.slots.send(Slot::Close).await;
+            let writer_done = tokio::time::timeout(CLOSE_WAIT, writer);
+            tokio::select! {
+                _ = writer_done => {}
+                _ = kill.cancelled() => {}
+            }
+            drop(session);
+        }
+    }
+}
+
+struct Reader {
+    ctx: Arc<Context>,
+    id: u64,
+    state: State,
+    slots: mpsc::Sender<Slot>,
+    budget: Arc<ReplyBudget>,
+    /// Commands for the multiplexed connection, sent at the end of the read batch.
+    batch: Option<(MuxHandle, Batch)>,
+    pinned: Option<Pinned>,
+    /// Commands for the dedicated connection, written at the end of the read batch.
+    pinned_out: BytesMut,
+    target: Target,
+    sent_since_barrier: bool,
+    /// The session's pool connection for its current key.
+    pool: Option<(PoolKey, MuxHandle)>,
+}
+
+impl Reader {
+    async fn run(&mut self, rd: OwnedReadHalf, kill: &CancellationToken, shutdown: &CancellationToken) -> Stop {
+        let mut parser = RequestParser::new();
+        let mut buf = BytesMut::new();
+        let mut frame_started: Option<Instant> = None;
+        let metrics = self.ctx.metrics;
+        loop {
+            let policy = self.ctx.policy.load();
+            let in_frame = parser.in_frame(&buf);
+            let deadline = match (in_frame, frame_started) {
+                (true, Some(t)) if !policy.frame_deadline.is_zero() => Some((t + policy.frame_deadline, "frame_deadline")),
+                _ if !policy.idle_timeout.is_zero() && !self.state.needs_pin() => {
+                    Some((Instant::now() + policy.idle_timeout, "idle_timeout"))
+                }
+                _ => None,
+            };
+            let timer = async {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = kill.cancelled() => {
+                    metrics.protocol_error("output_buffer");
+                    tracing::debug!(session = self.id, "Client output buffer limit exceeded; closing.");
+                    return Stop::Abort;
+                }
+                _ = shutdown.cancelled(), if !in_frame => return Stop::Drain,
+                _ = timer => {
+                    let kind = deadline.map_or("idle_timeout", |d| d.1);
+                    metrics.protocol_error(kind);
+                    return Stop::Abort;
+                }
+                ready = rd.readable() => {
+                    if ready.is_err() {
+                        return Stop::Abort;
+                    }
+                }
+            }
+            buf.reserve(READ_CHUNK);
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => return Stop::Abort,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Stop::Abort,
+            }
+            let limits = policy.request_limits;
+            loop {
+                match parser.next(&mut buf, &limits) {
+                    Ok(Some(args)) => {
+                        frame_started = None;
+                        match self.dispatch(Command::new(args)).await {
+                            Ok(true) => {}
+                            Ok(false) => return Stop::Drain,
+                            Err(stop) => return stop,
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        metrics.protocol_error(e.kind());
+                        return self.protocol_error(e).await;
+                    }
+                }
+            }
+            if parser.in_frame(&buf) {
+                frame_started.get_or_insert_with(Instant::now);
+            } else {
+                frame_started = None;
+                // An idle client holds no read buffer.
+                buf = BytesMut::new();
+            }
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
+        }
+    }
+
+    async fn protocol_error(&mut self, e: RequestError) -> Stop {
+        if self.flush().await.is_err() {
+            return Stop::Abort;
+        }
+        let _ = self.slots.send(Slot::Local(e.to_reply(), None)).await;
+        Stop::Drain
+    }
+
+    /// Pushes a slot; before waiting for room, sends what is queued so the writer can progress.
+    async fn push(&mut self, slot: Slot) -> Result<(), Stop> {
+        match self.slots.try_send(slot) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Abort),
+            Err(mpsc::error::TrySendError::Full(slot)) => {
+                self.flush().await?;
+                self.slots.send(slot).await.map_err(|_| Stop::Abort)
+            }
+        }
+    }
+
+    /// A locally computed reply (suppressed under `CLIENT REPLY OFF|SKIP`, as Redis would).
+    async fn local(&mut self, reply: Bytes, meta: Meta) -> Result<(), Stop> {
+        match self.state.reply_mode {
+            ReplyMode::Off => return Ok(()),
+            ReplyMode::SkipNext => {
+                self.state.reply_mode = ReplyMode::On;
+                return Ok(());
+            }
+            ReplyMode::On => {}
+        }
+        if self.state.in_multi && reply::is_error(&reply) {
+            self.state.multi_dirty = true;
+        }
+        self.push(Slot::Local(reply, Some(meta))).await
+    }
+
+    /// Sends queued commands to their connections.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if let Some((handle, batch)) = self.batch.take() {
+            if let Err(batch) = handle.send(batch).await {
+                // The connection died before taking the batch: nothing of it ran.
+                let err = UpstreamError::Lost;
+                for w in batch.waiters {
+                    let _ = w.tx.send(Err(err.clone()));
+                }
+                self.pool = None;
+            }
+        }
+        if !self.pinned_out.is_empty() {
+            let bytes = self.pinned_out.split().freeze();
+            if let Some(p) = &mut self.pinned {
+                if p.write(&bytes).await.is_err() {
+                    return Err(Stop::Drain);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued and waits until every reply before this point is resolved.
+    async fn barrier(&mut self) -> Result<(), Stop> {
+        if self.sent_since_barrier {
+            self.flush().await?;
+            let (tx, rx) = oneshot::channel();
+            self.push(Slot::Barrier(tx)).await?;
+            self.flush().await?;
+            rx.await.map_err(|_| Stop::Abort)?;
+            self.sent_since_barrier = false;
+        }
+        Ok(())
+    }
+
+    /// Makes `to` the connection for the next commands; waits for the other's replies first.
+    async fn switch(&mut self, to: Target) -> Result<(), Stop> {
+        if self.target != to {
+            self.barrier().await?;
+        }
+        self.target = to;
+        Ok(())
+    }
+
+    /// Queues a command on the session's multiplexed connection.
+    async fn to_pool(&mut self, args: &[Bytes], meta: Meta) -> Result<(), Stop> {
+        self.switch(Target::Pool).await?;
+        let handle = match self.pool_handle().await {
+            Ok(h) => h,
+            Err(e) => return self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+        };
+        let (tx, rx) = oneshot::channel();
+        match &mut self.batch {
+            Some((h, batch)) if h.is_same(&handle) => {
+                encode::command(&mut batch.payload, args);
+                batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+            }
+            _ => {
+                self.flush().await?;
+                let mut batch = Batch::default();
+                encode::command(&mut batch.payload, args);
+                batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+                self.batch = Some((handle, batch));
+            }
+        }
+        self.sent_since_barrier = true;
+        self.push(Slot::Upstream(rx, meta)).await
+    }
+
+    async fn pool_handle(&mut self) -> Result<MuxHandle, UpstreamError> {
+        let key = self.state.key();
+        if let Some((k, h)) = &self.pool {
+            if *k == key && h.is_alive() {
+                return Ok(h.clone());
+            }
+        }
+        let pool = self.ctx.upstream.pool(&key).await?;
+        let handle = self.ctx.upstream.connection(&pool, self.id).await?;
+        self.pool = Some((key, handle.clone()));
+        Ok(handle)
+    }
+
+    /// Opens the dedicated connection if needed.
+    async fn ensure_pinned(&mut self) -> Result<(), UpstreamError> {
+        if self.pinned.is_some() {
+            return Ok(());
+        }
+        let (pinned, frames) = Pinned::open(self.ctx.upstream.endpoint(), &self.state.handshake(), self.budget.clone()).await?;
+        self.pinned = Some(pinned);
+        self.push(Slot::Attach(frames)).await.map_err(|_| UpstreamError::Lost)?;
+        Ok(())
+    }
+
+    /// Frames the dedicated connection sends for the next command, given the reply mode.
+    fn expected_replies(&mut self, n: usize) -> usize {
+        match self.state.reply_mode {
+            ReplyMode::On => n,
+            ReplyMode::Off => 0,
+            ReplyMode::SkipNext => {
+                self.state.reply_mode = ReplyMode::On;
+                0
+            }
+        }
+    }
+
+    /// Sends commands on the dedicated connection. `hidden` commands go first and their
+    /// replies are not shown; `replies` is what the client's command produces.
+    async fn to_pinned(
+        &mut self,
+        hidden: &[&[&[u8]]],
+        args: &[Bytes],
+        replies: usize,
+        meta: Meta,
+        report: Option<oneshot::Sender<Bytes>>,
+    ) -> Result<bool, Stop> {
+        self.switch(Target::Pinned).await?;
+        if let Err(e) = self.ensure_pinned().await {
+            self.local(e.to_reply(), meta).await?;
+            return Ok(false);
+        }
+        for h in hidden {
+            encode::command(&mut self.pinned_out, h);
+        }
+        encode::command(&mut self.pinned_out, args);
+        self.sent_since_barrier = true;
+        let count = hidden.len() + replies;
+        let monitor = self.state.monitor;
+        self.push(Slot::Pinned { count, skip: hidden.len(), meta: Some(meta), report, monitor }).await?;
+        Ok(true)
+    }
+
+    /// Runs a command on the dedicated connection and returns its reply (for state tracking).
+    async fn pinned_with_report(&mut self, cmd: &Command, meta: Meta) -> Result<Option<Bytes>, Stop> {
+        let (tx, rx) = oneshot::channel();
+        let replies = self.expected_replies(1);
+        let report = (replies == 1).then_some(tx);
+        if !self.to_pinned(&[], &cmd.args, replies, meta, report).await? || replies == 0 {
+            return Ok(None);
+        }
+        self.flush().await?;
+        Ok(rx.await.ok())
+    }
+
+    /// Closes the dedicated connection (its state no longer matches the session's, or the
+    /// session was reset). Callers have waited for its replies.
+    async fn drop_pinned(&mut self) -> Result<(), Stop> {
+        if self.pinned.is_some() {
+            self.push(Slot::Detach).await?;
+            self.pinned = None;
+        }
+        if self.target == Target::Pinned {
+            self.target = Target::Nowhere;
+        }
+        Ok(())
+    }
+
+    /// Routes one command. `Ok(false)` ends the session after pending replies are written.
+    async fn dispatch(&mut self, cmd: Command) -> Result<bool, Stop> {
+        let meta = Meta { family: cmd.family, start: Instant::now() };
+        let policy = self.ctx.policy.load();
+        if policy.deny.contains(cmd.name()) {
+            self.local(encode::error("NOPERM this command is disabled by sidecache"), meta).await?;
+            return Ok(true);
+        }
+        drop(policy);
+        let pinned_mode = self.state.needs_pin();
+        match cmd.kind {
+            Kind::Quit => {
+                self.local(encode::simple("OK"), meta).await?;
+                return Ok(false);
+            }
+            Kind::Reset => {
+                self.barrier().await?;
+                self.drop_pinned().await?;
+                self.target = Target::Nowhere;
+                self.state = State::new(&self.ctx.upstream.initial_key());
+                self.push(Slot::Local(encode::simple("RESET"), Some(meta))).await?;
+            }
+            Kind::Multi => {
+                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                    self.state.in_multi = true;
+                }
+            }
+            Kind::Exec | Kind::Discard if self.state.in_multi => {
+                let dirty = self.state.multi_dirty && cmd.kind == Kind::Exec;
+                self.state.in_multi = false;
+                self.state.multi_dirty = false;
+                self.state.watching = false;
+                if dirty {
+                    let discard: &[&[u8]] = &[b"DISCARD"];
+                    self.to_pinned(&[discard], &[], 0, meta, None).await?;
+                    self.local(encode::error("EXECABORT Transaction discarded because of previous errors."), meta).await?;
+                } else {
+                    let replies = self.expected_replies(1);
+                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                }
+            }
+            Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
+                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                    self.state.watching = true;
+                }
+            }
+            Kind::Unwatch if !self.state.in_multi => {
+                let replies = self.expected_replies(1);
+                if pinned_mode {
+                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                } else {
+                    self.to_pool(&cmd.args, meta).await?;
+                }
+                self.state.watching = false;
+            }
+            Kind::Subscribe(kind) if cmd.args.len() > 1 && !self.state.in_multi => {
+                let replies = self.expected_replies(cmd.args.len() - 1);
+                if self.to_pinned(&[], &cmd.args, replies, meta, None).await? {
+                    let subs = self.state.subs(kind);
+                    subs.extend(cmd.params().iter().cloned());
+                }
+            }
+            Kind::Unsubscribe(kind) if !self.state.in_multi => {
+                let named = cmd.args.len() - 1;
+                let subs = self.state.subs(kind);
+                let n = if named > 0 { named } else { subs.len().max(1) };
+                let replies = self.expected_replies(n);
+                if self.to_pinned(&[], &cmd.args, replies, meta, None).await? {
+                    let subs = self.state.subs(kind);
+                    if named == 0 {
+                        subs.clear();
+                    } else {
+                        for c in &cmd.args[1..] {
+                            subs.remove(c);
+                        }
+                    }
+                }
+            }
+            Kind::Monitor if !self.state.in_multi => {
+                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                    self.state.monitor = true;
+                    self.state.sticky = true;
+                }
+            }
+            Kind::Sticky => {
+                self.state.sticky = true;
+                let replies = self.expected_replies(1);
+                self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+            }
+            Kind::ClientReply => self.client_reply(&cmd, meta).await?,
+            Kind::Blocking if !self.state.in_multi => {
+                let replies = self.expected_replies(1);
+                self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+            }
+            Kind::Wait if !self.state.in_multi => {
+                // WAIT counts replicas that acknowledged this connection's last write. The
+                // client's writes went over the shared connection, so a PUBLISH on the dedicated
+                // one first moves its write offset past them (PUBLISH is propagated to replicas).
+                let replies = self.expected_replies(1);
+                let barrier: &[&[u8]] = &[b"PUBLISH", b"__sidecache__:wait", b""];
+                self.to_pinned(&[barrier], &cmd.args, replies, meta, None).await?;
+            }
+            Kind::Select | Kind::Auth | Kind::Hello if pinned_mode => self.state_change_pinned(&cmd, meta).await?,
+            Kind::Select => self.select(&cmd, meta).await?,
+            Kind::Auth => self.auth(&cmd, meta).await?,
+            Kind::Hello => self.hello(&cmd, meta).await?,
+            Kind::ClientSetName => self.client_setname(&cmd, meta, pinned_mode).await?,
+            Kind::ClientGetName if cmd.args.len() == 2 => {
+                let reply = match &self.state.name {
+                    Some(name) => encode::bulk(name),
+                    None => encode::null(self.state.proto),
+                };
+                self.local(reply, meta).await?;
+            }
+            _ => {
+                if pinned_mode {
+                    let replies = self.expected_replies(1);
+                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                } else {
+                    self.to_pool(&cmd.args, meta).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn client_reply(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        let mode = match cmd.args.get(2) {
+            Some(a) if cmd.args.len() == 3 && a.eq_ignore_ascii_case(b"ON") => Some(ReplyMode::On),
+            Some(a) if cmd.args.len() == 3 && a.eq_ignore_ascii_case(b"OFF") => Some(ReplyMode::Off),
+            Some(a) if cmd.args.len() == 3 && a.eq_ignore_ascii_case(b"SKIP") => Some(ReplyMode::SkipNext),
+            _ => None,
+        };
+        let replies = match mode {
+            Some(ReplyMode::On) => 1,
+            Some(_) => 0,
+            None => self.expected_replies(1),
+        };
+        if let Some(mode) = mode {
+            // Redis applies the new mode to this very command: ON answers, OFF/SKIP do not.
+            self.state.reply_mode = mode;
+        }
+        self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+        Ok(())
+    }
+
+    /// Moves the session to the pool for `key`, answering with Redis's own error when the
+    /// pool's handshake fails, else forwarding `args` there for Redis's own reply.
+    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<bool, Stop> {
+        self.flush().await?;
+        if let Err(e) = self.ctx.upstream.pool(&key).await {
+            self.local(e.to_reply(), meta).await?;
+            return Ok(false);
+        }
+        // Later commands go to another connection, so earlier ones must be answered first.
+        self.barrier().await?;
+        self.drop_pinned().await?;
+        self.state.creds = key.creds;
+        self.state.db = key.db;
+        self.state.proto = key.proto;
+        self.to_pool(args, meta).await?;
+        Ok(true)
+    }
+
+    async fn select(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        let db = match cmd.args.get(1).and_then(|a| crate::protocol::request::parse_i64(a)) {
+            Some(db) if cmd.args.len() == 2 && (0..=i64::from(i32::MAX)).contains(&db) => db as u32,
+            // Redis answers malformed or negative indexes itself.
+            _ => return self.to_pool(&cmd.args, meta).await,
+        };
+        let mut key = self.state.key();
+        key.db = db;
+        self.move_to(key, &cmd.args, meta).await?;
+        Ok(())
+    }
+
+    async fn auth(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        let creds = match cmd.args.len() {
+            2 => Creds { user: None, pass: cmd.args[1].clone() },
+            3 => Creds { user: Some(cmd.args[1].clone()), pass: cmd.args[2].clone() },
+            _ => return self.to_pool(&cmd.args, meta).await,
+        };
+        let mut key = self.state.key();
+        key.creds = Some(creds);
+        self.move_to(key, &cmd.args, meta).await?;
+        Ok(())
+    }
+
+    async fn hello(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        let Some(hello) = parse_hello(cmd) else {
+            // Anything unusual: let Redis answer on the current connection (it changes nothing
+            // there when it is an error).
+            return self.to_pool(&cmd.args, meta).await;
+        };
+        if let Some(name) = &hello.name {
+            if let Err(e) = check_client_name(name) {
+                return self.local(e, meta).await;
+            }
+        }
+        let mut key = self.state.key();
+        if let Some(proto) = hello.proto {
+            key.proto = proto;
+        }
+        if let Some(creds) = hello.creds {
+            key.creds = Some(creds);
+        }
+        let version = key.proto.version().to_string();
+        let forwarded = [Bytes::from_static(b"HELLO"), Bytes::from(version)];
+        if self.move_to(key, &forwarded, meta).await? {
+            if let Some(name) = hello.name {
+                self.state.name = if name.is_empty() { None } else { Some(name) };
+            }
+        }
+        Ok(())
+    }
+
+    async fn client_setname(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        if cmd.args.len() != 3 {
+            return self.to_pool(&cmd.args, meta).await;
+        }
+        let name = cmd.args[2].clone();
+        if let Err(e) = check_client_name(&name) {
+            return self.local(e, meta).await;
+        }
+        if pinned_mode {
+            self.state_change_pinned(cmd, meta).await
+        } else {
+            self.state.name = if name.is_empty() { None } else { Some(name) };
+            // An idle dedicated connection now has a stale name: reopen it when needed.
+            self.barrier().await?;
+            self.drop_pinned().await?;
+            self.local(encode::simple("OK"), meta).await
+        }
+    }
+
+    /// `SELECT`/`AUTH`/`HELLO`/`CLIENT SETNAME` while on a dedicated connection: Redis runs it
+    /// there; the session adopts the new state when Redis accepted it.
+    async fn state_change_pinned(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        if self.state.in_multi {
+            // Queued: it takes effect at EXEC, on this connection, which is kept for good.
+            self.state.sticky = true;
+            let replies = self.expected_replies(1);
+            self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+            return Ok(());
+        }
+        let Some(reply) = self.pinned_with_report(cmd, meta).await? else {
+            // No reply to judge by (CLIENT REPLY OFF): keep the connection's state authoritative.
+            self.state.sticky = true;
+            return Ok(());
+        };
+        if reply::is_error(&reply) {
+            return Ok(());
+        }
+        match cmd.kind {
+            Kind::Select => {
+                if let Some(db) = cmd.args.get(1).and_then(|a| crate::protocol::request::parse_i64(a)) {
+                    self.state.db = db as u32;
+                }
+            }
+            Kind::Auth => {
+                self.state.creds = match cmd.args.len() {
+                    2 => Some(Creds { user: None, pass: cmd.args[1].clone() }),
+                    _ => Some(Creds { user: Some(cmd.args[1].clone()), pass: cmd.args[2].clone() }),
+                };
+            }
+            Kind::Hello => {
+                if let Some(h) = parse_hello(cmd) {
+                    if let Some(p) = h.proto {
+                        self.state.proto = p;
+                    }
+                    if let Some(c) = h.creds {
+                        self.state.creds = Some(c);
+                    }
+                    if let Some(n) = h.name {
+                        self.state.name = if n.is_empty() { None } else { Some(n) };
+                    }
+                }
+            }
+            Kind::ClientSetName => {
+                let name = cmd.args[2].clone();
+                self.state.name = if name.is_empty() { None } else { Some(name) };
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+
+struct Hello {
+    proto: Option<Proto>,
+    creds: Option<Creds>,
+    name: Option<Bytes>,
+}
+
+/// Parses `HELLO [protover [AUTH user pass] [SETNAME name]]`; `None` when Redis would refuse it.
+fn parse_hello(cmd: &Command) -> Option<Hello> {
+    let mut h = Hello { proto: None, creds: None, name: None };
+    let args = cmd.params();
+    let mut i = 0;
+    if let Some(v) = args.first() {
+        h.proto = match crate::protocol::request::parse_i64(v)? {
+            2 => Some(Proto::Resp2),
+            3 => Some(Proto::Resp3),
+            _ => return None,
+        };
+        i = 1;
+    }
+    while i < args.len() {
+        let more = args.len() - 1 - i;
+        if args[i].eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            h.creds = Some(Creds { user: Some(args[i + 1].clone()), pass: args[i + 2].clone() });
+            i += 3;
+        } else if args[i].eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            h.name = Some(args[i + 1].clone());
+            i += 2;
+        } else {
+            return None;
+        }
+    }
+    Some(h)
+}
+
+/// Redis's rule for client names: printable, no spaces.
+fn check_client_name(name: &[u8]) -> Result<(), Bytes> {
+    if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+        return Err(encode::error("ERR Client names cannot contain spaces, newlines or special characters."));
+    }
+    Ok(())
+}
+
+/// What the writer knows about pub/sub on the dedicated connection, from Redis's own replies.
+#[derive(Default)]
+struct PubSubView {
+    /// Channels plus patterns, from the last (un)subscribe confirmation.
+    subscriptions: i64,
+    /// Shard channels, from the last s(un)subscribe confirmation.
+    shard_subscriptions: i64,
+    monitor: bool,
+}
+
+impl PubSubView {
+    /// True for frames that are not replies to a command: messages, other pushes, monitor lines.
+    fn unsolicited(&mut self, frame: &[u8]) -> bool {
+        if self.monitor {
+            return true;
+        }
+        let Some(head) = reply::head(frame) else { return false };
+        let first = head.first.map(|f| f.to_ascii_lowercase());
+        let first = first.as_deref();
+        let confirmation = matches!(
+            first,
+            Some(b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" | b"ssubscribe" | b"sunsubscribe")
+        );
+        if confirmation {
+            if let Some(n) = head.third_int {
+                if first.is_some_and(|f| f.starts_with(b"s")) {
+                    self.shard_subscriptions = n;
+                } else {
+                    self.subscriptions = n;
+                }
+            }
+            return false;
+        }
+        if head.push {
+            return true;
+        }
+        let subscribed = self.subscriptions > 0 || self.shard_subscriptions > 0;
+        subscribed && head.len >= 3 && matches!(first, Some(b"message" | b"pmessage" | b"smessage"))
+    }
+}
+
+struct Writer {
+    wr: OwnedWriteHalf,
+    out: BytesMut,
+    budget: Arc<ReplyBudget>,
+    kill: CancellationToken,
+    pinned: Option<mpsc::Receiver<PinnedFrame>>,
+    view: PubSubView,
+    ctx: Arc<Context>,
+}
+
+/// Error: the client connection must close now.
+struct Closed;
+
+async fn write_loop(
+    wr: OwnedWriteHalf,
+    mut slots: mpsc::Receiver<Slot>,
+    budget: Arc<ReplyBudget>,
+    kill: CancellationToken,
+    ctx: Arc<Context>,
+) {
+    let mut w = Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx };
+    let _ = w.run(&mut slots).await;
+    let _ = w.flush().await;
+    let _ = w.wr.shutdown().await;
+}
+
+impl Writer {
+    async fn run(&mut self, slots: &mut mpsc::Receiver<Slot>) -> Result<(), Closed> {
+        loop {
+            let slot = match slots.try_recv() {
+                Ok(slot) => slot,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush().await?;
+                    tokio::select! {
+                        biased;
+                        _ = self.kill.cancelled() => return Err(Closed),
+                        slot = slots.recv() => match slot {
+                            Some(slot) => slot,
+                            None => return Ok(()),
+                        },
+                        frame = recv_pinned(&mut self.pinned) => {
+                            // Nothing is awaited: this can only be a message or a push.
+                            self.pinned_frame(frame)?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match slot {
+                Slot::Local(reply, meta) => {
+                    self.out.extend_from_slice(&reply);
+                    self.record(meta);
+                }
+                Slot::Upstream(mut rx, meta) => {
+                    let reply = match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::Lost),
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            self.flush().await?;
+                            tokio::select! {
+                                _ = self.kill.cancelled() => return Err(Closed),
+                                r = rx => r.unwrap_or(Err(UpstreamError::Lost)),
+                            }
+                        }
+                    };
+                    match reply {
+                        Ok(bytes) => {
+                            self.budget.release(bytes.len());
+                            self.out.extend_from_slice(&bytes);
+                        }
+                        Err(e) => self.out.extend_from_slice(&e.to_reply()),
+                    }
+                    self.record(Some(meta));
+                }
+                Slot::Pinned { count, skip, meta, mut report, monitor } => {
+                    let mut seen = 0;
+                    while seen < count {
+                        let frame = match self.pinned.as_mut().map(|rx| rx.try_recv()) {
+                            Some(Ok(f)) => Some(f),
+                            _ => {
+                                self.flush().await?;
+                                tokio::select! {
+                                    _ = self.kill.cancelled() => return Err(Closed),
+                                    f = recv_pinned(&mut self.pinned) => f,
+                                }
+                            }
+                        };
+                        let frame = match frame {
+                            Some(Ok(frame)) => frame,
+                            // The dedicated connection is gone, and with it the state Redis kept
+                            // for this client: close, as a direct connection would have closed.
+                            _ => {
+                                tracing::debug!("Dedicated upstream connection lost; closing the client.");
+                                return Err(Closed);
+                            }
+                        };
+                        self.budget.release(frame.len());
+                        if self.view.unsolicited(&frame) {
+                            self.out.extend_from_slice(&frame);
+                            continue;
+                        }
+                        if seen >= skip {
+                            if let Some(tx) = report.take() {
+                                let _ = tx.send(frame.clone());
+                            }
+                            self.out.extend_from_slice(&frame);
+                        }
+                        seen += 1;
+                    }
+                    if monitor {
+                        self.view.monitor = true;
+                    }
+                    self.record(meta);
+                }
+                Slot::Attach(rx) => self.pinned = Some(rx),
+                Slot::Detach => self.pinned = None,
+                Slot::Barrier(tx) => {
+                    let _ = tx.send(());
+                }
+                Slot::Close => {
+                    self.flush().await?;
+                    return Ok(());
+                }
+            }
+            if self.out.len() >= FLUSH_AT {
+                self.flush().await?;
+            }
+        }
+    }
+
+    fn pinned_frame(&mut self, frame: Option<PinnedFrame>) -> Result<(), Closed> {
+        match frame {
+            Some(Ok(frame)) => {
+                self.budget.release(frame.len());
+                self.view.unsolicited(&frame);
+                self.out.extend_from_slice(&frame);
+                Ok(())
+            }
+            _ => {
+                self.pinned = None;
+                Err(Closed)
+            }
+        }
+    }
+
+    fn record(&self, meta: Option<Meta>) {
+        if let Some(meta) = meta {
+            self.ctx.metrics.command(meta.family, meta.start.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Closed> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = tokio::select! {
+            r = self.wr.write_all(&self.out) => r,
+            _ = self.kill.cancelled() => return Err(Closed),
+        };
+        result.map_err(|_| Closed)?;
+        if self.out.capacity() > FLUSH_AT * 4 {
+            self.out = BytesMut::new();
+        } else {
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn recv_pinned(rx: &mut Option<mpsc::Receiver<PinnedFrame>>) -> Option<PinnedFrame> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,111 @@
+//! Opening one connection to Redis: TCP connect, handshake that replays a session's state
+//! (`AUTH`, `HELLO 3`, `SELECT`, `CLIENT SETNAME`), and reading framed replies.
+//!
+//! Owns: the connect timeout, the handshake (one pipelined write, every reply checked), and
+//! `FrameReader`, which reads whole replies within the reply limits. Does not own: what runs
+//! on the connection afterwards (see `mux` and `pinned`).
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Creds, Endpoint, UpstreamError};
+use crate::protocol::encode::{self, Proto};
+use crate::protocol::reply::{self, ReplyLimits, ReplyScanner};
+
+/// The state a new connection must have before it carries a session's commands.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    /// Credentials to `AUTH` with, if any.
+    pub creds: Option<Creds>,
+    /// Database to `SELECT`.
+    pub db: u32,
+    /// Protocol to switch to with `HELLO`.
+    pub proto: Proto,
+    /// Client name to set.
+    pub name: Option<Bytes>,
+}
+
+/// Reads complete replies from a stream, within limits.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: BytesMut,
+    scanner: ReplyScanner,
+    limits: ReplyLimits,
+}
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new(limits: ReplyLimits) -> Self {
+        Self { buf: BytesMut::new(), scanner: ReplyScanner::new(), limits }
+    }
+
+    /// Returns the next complete reply, exactly as Redis sent it.
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Bytes, UpstreamError> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(n) = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)? {
+                    return Ok(self.buf.split_to(n).freeze());
+                }
+            }
+            self.buf.reserve(READ_CHUNK);
+            let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(UpstreamError::Closed);
+            }
+        }
+    }
+}
+
+/// Connects and runs the handshake; returns the stream and a reader holding any extra bytes.
+pub async fn open(ep: &Endpoint, hs: &Handshake) -> Result<(TcpStream, FrameReader), UpstreamError> {
+    let work = async {
+        let mut stream = TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let mut out = BytesMut::new();
+        let mut expected = 0;
+        if let Some(creds) = &hs.creds {
+            match &creds.user {
+                Some(user) => encode::command(&mut out, &[&b"AUTH"[..], user, &creds.pass]),
+                None => encode::command(&mut out, &[&b"AUTH"[..], &creds.pass]),
+            }
+            expected += 1;
+        }
+        if hs.proto == Proto::Resp3 {
+            encode::command(&mut out, &[&b"HELLO"[..], b"3"]);
+            expected += 1;
+        }
+        if hs.db != 0 {
+            encode::command(&mut out, &[&b"SELECT"[..], itoa::Buffer::new().format(hs.db).as_bytes()]);
+            expected += 1;
+        }
+        if let Some(name) = &hs.name {
+            encode::command(&mut out, &[&b"CLIENT"[..], b"SETNAME", name]);
+            expected += 1;
+        }
+        let mut reader = FrameReader::new(ep.limits);
+        if expected > 0 {
+            stream.write_all(&out).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            let mut first_error = None;
+            for _ in 0..expected {
+                let frame = reader.next(&mut stream).await?;
+                if reply::is_error(&frame) && first_error.is_none() {
+                    first_error = Some(frame);
+                }
+            }
+            if let Some(err) = first_error {
+                return Err(UpstreamError::Rejected(err));
+            }
+        }
+        Ok((stream, reader))
+    };
+    match tokio::time::timeout(ep.connect_timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Connect(format!("timed out after {:?}", ep.connect_timeout))),
+    }
+}

@@ -1,0 +1,312 @@
+//! Connections to the real Redis: pools of multiplexed connections, dedicated connections, and
+//! the health check that decides `/readyz` and `sidecache_upstream_up`.
+//!
+//! Owns: `Upstream`, the registry of pools keyed by (credentials, database, protocol), each
+//! pool's fixed number of slots with reconnect backoff and jitter, and `ReplyBudget`, the
+//! per-session count of reply bytes that arrived but are not yet written to the client. Does
+//! not own: what sessions send (see `session`).
+//!
+//! A pool is created only after a connection with its credentials and database has completed
+//! the handshake, so a wrong password or an out-of-range database is answered with Redis's own
+//! error and never leaves a pool behind.
+
+pub mod conn;
+pub mod mux;
+pub mod pinned;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::protocol::encode::{self, Proto};
+use crate::protocol::reply::ReplyLimits;
+pub use conn::Handshake;
+pub use mux::{Batch, MuxHandle, Waiter};
+pub use pinned::{Pinned, PinnedFrame};
+
+/// Why the upstream could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect or handshake transport failure.
+    #[error("upstream unavailable: {0}")]
+    Connect(String),
+    /// Redis refused the handshake; holds Redis's error reply, which goes to the client as is.
+    #[error("upstream refused the handshake")]
+    Rejected(Bytes),
+    /// Waiting out the reconnect backoff after a failure.
+    #[error("upstream unavailable: {0} (reconnecting)")]
+    Backoff(String),
+    /// The connection was lost with this command in flight.
+    #[error("upstream connection lost")]
+    Lost,
+    /// The connection was closed by Redis.
+    #[error("upstream closed the connection")]
+    Closed,
+    /// Socket error.
+    #[error("upstream I/O error: {0}")]
+    Io(String),
+    /// Redis sent bytes that are not a valid reply within limits.
+    #[error("upstream protocol error: {0}")]
+    Protocol(crate::protocol::ReplyError),
+}
+
+impl UpstreamError {
+    /// The reply a client gets for a command this error stopped.
+    pub fn to_reply(&self) -> Bytes {
+        match self {
+            UpstreamError::Rejected(reply) => reply.clone(),
+            UpstreamError::Lost | UpstreamError::Closed => {
+                encode::error("ERR sidecache: upstream connection lost; the command may or may not have run")
+            }
+            other => encode::error(&format!("ERR sidecache: {other}")),
+        }
+    }
+}
+
+/// Credentials a session authenticates with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Creds {
+    /// ACL user; `None` for the one-argument `AUTH password` form.
+    pub user: Option<Bytes>,
+    /// Password.
+    pub pass: Bytes,
+}
+
+/// What a multiplexed connection's state must be to carry a session's commands.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Credentials (`None`: no `AUTH`).
+    pub creds: Option<Creds>,
+    /// Selected database.
+    pub db: u32,
+    /// Protocol version.
+    pub proto: Proto,
+}
+
+/// Where Redis is and how replies from it are bounded.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Connect plus handshake timeout.
+    pub connect_timeout: Duration,
+    /// Reply framing limits.
+    pub limits: ReplyLimits,
+}
+
+/// Reply bytes delivered to a session but not yet written to its client. Exceeding the cap
+/// disconnects the client, as Redis's client-output-buffer-limit does.
+#[derive(Debug)]
+pub struct ReplyBudget {
+    pending: AtomicUsize,
+    cap: usize,
+    kill: CancellationToken,
+}
+
+impl ReplyBudget {
+    /// A budget of `cap` bytes; exceeding it cancels `kill`.
+    pub fn new(cap: usize, kill: CancellationToken) -> Self {
+        Self { pending: AtomicUsize::new(0), cap, kill }
+    }
+
+    /// Adds `n` arrived bytes.
+    pub fn charge(&self, n: usize) {
+        let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
+        if now > self.cap {
+            self.kill.cancel();
+        }
+    }
+
+    /// Removes `n` bytes handed to the client socket.
+    pub fn release(&self, n: usize) {
+        self.pending.fetch_sub(n.min(self.pending.load(Ordering::Relaxed)), Ordering::Relaxed);
+    }
+
+    /// True when the cap was exceeded.
+    pub fn exceeded(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) > self.cap
+    }
+}
+
+enum SlotState {
+    Empty,
+    Up(MuxHandle),
+    Down { until: Instant, error: String, failures: u32 },
+}
+
+/// The multiplexed connections for one `PoolKey`.
+pub struct Pool {
+    key: PoolKey,
+    slots: Vec<Mutex<SlotState>>,
+}
+
+/// The registry of pools and the upstream's health.
+pub struct Upstream {
+    endpoint: Endpoint,
+    default_creds: Option<Creds>,
+    default_db: u32,
+    pool_size: usize,
+    max_backoff: Duration,
+    pools: DashMap<PoolKey, Arc<Pool>>,
+    up: AtomicBool,
+    down_reason: std::sync::Mutex<String>,
+}
+
+impl Upstream {
+    /// A registry for the configured target. Connects lazily.
+    pub fn new(
+        endpoint: Endpoint,
+        default_creds: Option<Creds>,
+        default_db: u32,
+        pool_size: usize,
+        max_backoff: Duration,
+    ) -> Upstream {
+        Upstream {
+            endpoint,
+            default_creds,
+            default_db,
+            pool_size: pool_size.max(1),
+            max_backoff,
+            pools: DashMap::new(),
+            up: AtomicBool::new(false),
+            down_reason: std::sync::Mutex::new("no health check has completed yet".into()),
+        }
+    }
+
+    /// Where Redis is.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The key a new session starts with: the configured credentials and database, RESP2.
+    pub fn initial_key(&self) -> PoolKey {
+        PoolKey { creds: self.default_creds.clone(), db: self.default_db, proto: Proto::Resp2 }
+    }
+
+    /// The pool for `key`, created (after a successful handshake) when missing.
+    pub async fn pool(&self, key: &PoolKey) -> Result<Arc<Pool>, UpstreamError> {
+        if let Some(pool) = self.pools.get(key).map(|p| p.value().clone()) {
+            return Ok(pool);
+        }
+        let hs = Handshake { creds: key.creds.clone(), db: key.db, proto: key.proto, name: None };
+        let (stream, reader) = match conn::open(&self.endpoint, &hs).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                if !matches!(e, UpstreamError::Rejected(_)) {
+                    Metrics::get().upstream_connect_failures.increment(1);
+                }
+                return Err(e);
+            }
+        };
+        let first = MuxHandle::spawn(stream, reader);
+        let pool = Arc::new(Pool {
+            key: key.clone(),
+            slots: (0..self.pool_size)
+                .map(|i| Mutex::new(if i == 0 { SlotState::Up(first.clone()) } else { SlotState::Empty }))
+                .collect(),
+        });
+        Ok(self.pools.entry(key.clone()).or_insert(pool).value().clone())
+    }
+
+    /// A live connection of `pool` for the session numbered `session`, reconnecting (within
+    /// the backoff) when the slot's connection has failed.
+    pub async fn connection(&self, pool: &Pool, session: u64) -> Result<MuxHandle, UpstreamError> {
+        let slot = &pool.slots[(session % pool.slots.len() as u64) as usize];
+        let mut state = slot.lock().await;
+        let failures = match &*state {
+            SlotState::Up(h) if h.is_alive() => return Ok(h.clone()),
+            SlotState::Down { until, error, .. } if Instant::now() < *until => {
+                return Err(UpstreamError::Backoff(error.clone()));
+            }
+            SlotState::Down { failures, .. } => *failures,
+            _ => 0,
+        };
+        let hs = Handshake { creds: pool.key.creds.clone(), db: pool.key.db, proto: pool.key.proto, name: None };
+        match conn::open(&self.endpoint, &hs).await {
+            Ok((stream, reader)) => {
+                let h = MuxHandle::spawn(stream, reader);
+                *state = SlotState::Up(h.clone());
+                Ok(h)
+            }
+            Err(e) => {
+                Metrics::get().upstream_connect_failures.increment(1);
+                let failures = failures + 1;
+                *state = SlotState::Down { until: Instant::now() + self.backoff(failures), error: e.to_string(), failures };
+                Err(e)
+            }
+        }
+    }
+
+    /// Exponential backoff from 50 ms up to `max_backoff`, with jitter in [50%, 100%].
+    fn backoff(&self, failures: u32) -> Duration {
+        let base = Duration::from_millis(50).saturating_mul(1 << failures.min(10)).min(self.max_backoff);
+        base.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    /// True when the last health check succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Why the upstream is considered down.
+    pub fn down_reason(&self) -> String {
+        self.down_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_health(&self, result: Result<(), String>) {
+        let up = result.is_ok();
+        if let Err(reason) = result {
+            *self.down_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        }
+        let was = self.up.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                tracing::info!(host = %self.endpoint.host, port = self.endpoint.port, "Upstream is reachable.");
+            } else {
+                tracing::warn!(reason = %self.down_reason(), "Upstream is unreachable.");
+            }
+        }
+        Metrics::get().upstream_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Pings Redis every `interval` on a connection of its own until `stop` fires.
+    pub async fn health_loop(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let ping = encode::command_bytes(&["PING"]);
+        let mut conn: Option<(tokio::net::TcpStream, conn::FrameReader)> = None;
+        loop {
+            let check = async {
+                if conn.is_none() {
+                    let hs = Handshake { creds: self.default_creds.clone(), db: 0, proto: Proto::Resp2, name: None };
+                    conn = Some(conn::open(&self.endpoint, &hs).await.map_err(|e| e.to_string())?);
+                }
+                let (stream, reader) = conn.as_mut().ok_or("no connection")?;
+                tokio::io::AsyncWriteExt::write_all(stream, &ping).await.map_err(|e| e.to_string())?;
+                let reply = reader.next(stream).await.map_err(|e| e.to_string())?;
+                if crate::protocol::reply::is_error(&reply) {
+                    return Err(String::from_utf8_lossy(&reply).trim_end().to_string());
+                }
+                Ok::<(), String>(())
+            };
+            let result = match tokio::time::timeout(self.endpoint.connect_timeout, check).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("PING timed out after {:?}", self.endpoint.connect_timeout)),
+            };
+            if result.is_err() {
+                conn = None;
+            }
+            self.set_health(result);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}

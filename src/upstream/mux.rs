@@ -1,0 +1,212 @@
+//! A multiplexed, pipelined upstream connection shared by many sessions.
+//!
+//! Owns: one socket, driven by two tasks. The writer takes every batch queued on a bounded
+//! channel, records each command's waiter in the in-flight FIFO *before* writing, and writes all
+//! queued batches in one system call; the reader frames replies and hands each to the oldest
+//! waiter. Redis answers a connection's commands in order, so the FIFO matches replies to
+//! commands. Waiters whose session is gone are skipped (their reply is dropped).
+//!
+//! When the socket fails, every waiter gets an error and the handle reports itself dead, so the
+//! pool opens a fresh connection: a late reply can never be handed to the wrong command.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::FrameReader;
+use super::{ReplyBudget, UpstreamError};
+use crate::metrics::Metrics;
+
+/// The answer to one forwarded command.
+pub type Reply = Result<Bytes, UpstreamError>;
+
+/// Where one command's reply goes.
+#[derive(Debug)]
+pub struct Waiter {
+    /// The session's slot for this reply.
+    pub tx: oneshot::Sender<Reply>,
+    /// The session's output budget, charged when the reply arrives.
+    pub budget: Option<Arc<ReplyBudget>>,
+}
+
+/// Commands encoded back to back, and one waiter per command, in order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The encoded commands.
+    pub payload: BytesMut,
+    /// One waiter per command in `payload`.
+    pub waiters: Vec<Waiter>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    waiters: VecDeque<Waiter>,
+    closed: bool,
+}
+
+/// A cloneable handle to a multiplexed connection.
+#[derive(Clone, Debug)]
+pub struct MuxHandle {
+    tx: mpsc::Sender<Batch>,
+    dead: CancellationToken,
+}
+
+/// Batches queued per connection before senders wait.
+const QUEUE: usize = 1024;
+/// Bytes gathered into one write at most.
+const MAX_WRITE: usize = 1024 * 1024;
+
+impl MuxHandle {
+    /// Starts the driver tasks for an already handshaken connection.
+    pub fn spawn(stream: TcpStream, reader: FrameReader) -> MuxHandle {
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let dead = CancellationToken::new();
+        let inflight = Arc::new(Mutex::new(InFlight::default()));
+        Metrics::get().upstream_connections.increment(1.0);
+        tokio::spawn(write_loop(wr, rx, inflight.clone(), dead.clone()));
+        tokio::spawn(read_loop(rd, reader, inflight, dead.clone()));
+        MuxHandle { tx, dead }
+    }
+
+    /// False once the connection has failed.
+    pub fn is_alive(&self) -> bool {
+        !self.dead.is_cancelled() && !self.tx.is_closed()
+    }
+
+    /// True when both handles drive the same connection.
+    pub fn is_same(&self, other: &MuxHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
+    /// Queues a batch. On failure the batch comes back untouched: none of it was sent.
+    pub async fn send(&self, batch: Batch) -> Result<(), Batch> {
+        if !self.is_alive() {
+            return Err(batch);
+        }
+        self.tx.send(batch).await.map_err(|e| e.0)
+    }
+}
+
+fn fail_all(waiters: impl IntoIterator<Item = Waiter>, err: &UpstreamError) {
+    for w in waiters {
+        let _ = w.tx.send(Err(err.clone()));
+    }
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Batch>,
+    inflight: Arc<Mutex<InFlight>>,
+    dead: CancellationToken,
+) {
+    let mut out = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            _ = dead.cancelled() => break,
+            b = rx.recv() => match b {
+                Some(b) => b,
+                None => break,
+            },
+        };
+        let mut batches = vec![first];
+        let mut size = batches[0].payload.len();
+        while size < MAX_WRITE {
+            match rx.try_recv() {
+                Ok(b) => {
+                    size += b.payload.len();
+                    batches.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut rejected = Vec::new();
+        {
+            let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for b in &mut batches {
+                if q.closed {
+                    rejected.append(&mut b.waiters);
+                } else {
+                    q.waiters.extend(b.waiters.drain(..));
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            fail_all(rejected, &UpstreamError::Lost);
+            break;
+        }
+        let result = if batches.len() == 1 {
+            let payload = std::mem::take(&mut batches[0].payload);
+            tokio::select! { r = wr.write_all(&payload) => r, _ = dead.cancelled() => break }
+        } else {
+            out.clear();
+            for b in &batches {
+                out.extend_from_slice(&b.payload);
+            }
+            tokio::select! { r = wr.write_all(&out) => r, _ = dead.cancelled() => break }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Upstream write failed; dropping the connection.");
+            break;
+        }
+        if out.capacity() > MAX_WRITE * 2 {
+            out = BytesMut::new();
+        }
+    }
+    dead.cancel();
+    rx.close();
+    while let Ok(b) = rx.try_recv() {
+        fail_all(b.waiters, &UpstreamError::Lost);
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut reader: FrameReader,
+    inflight: Arc<Mutex<InFlight>>,
+    dead: CancellationToken,
+) {
+    let err = loop {
+        let frame = tokio::select! {
+            _ = dead.cancelled() => break UpstreamError::Lost,
+            f = reader.next(&mut rd) => f,
+        };
+        match frame {
+            Ok(frame) => {
+                let waiter = inflight.lock().unwrap_or_else(|p| p.into_inner()).waiters.pop_front();
+                let Some(waiter) = waiter else {
+                    tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
+                    break UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength);
+                };
+                if let Some(budget) = &waiter.budget {
+                    budget.charge(frame.len());
+                }
+                let _ = waiter.tx.send(Ok(frame));
+            }
+            Err(e) => {
+                if let UpstreamError::Protocol(_) = e {
+                    Metrics::get().protocol_error("upstream_reply");
+                }
+                tracing::warn!(error = %e, "Upstream connection ended.");
+                break e;
+            }
+        }
+    };
+    dead.cancel();
+    Metrics::get().upstream_connections.decrement(1.0);
+    let waiters = {
+        let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+        q.closed = true;
+        std::mem::take(&mut q.waiters)
+    };
+    let err = match err {
+        UpstreamError::Closed | UpstreamError::Io(_) => UpstreamError::Lost,
+        other => other,
+    };
+    fail_all(waiters, &err);
+}
