@@ -44,7 +44,11 @@ fn route(req: &Request<Incoming>, ctx: &Context, prom: &PrometheusHandle) -> Res
             if ctx.upstream.is_up() {
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("upstream unreachable: {}\n", ctx.upstream.down_reason()))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("upstream unreachable: {}\n", ctx.upstream.down_reason()),
+                )
             }
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),

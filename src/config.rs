@@ -311,10 +311,10 @@ impl Config {
             Ok(_) => {}
             Err(e) => problems.push(format!("upstream.url: {e}")),
         }
-        if let Some(path) = &self.upstream.password_file {
-            if let Err(e) = std::fs::read(path) {
-                problems.push(format!("upstream.password_file: cannot read {}: {e}", path.display()));
-            }
+        if let Some(path) = &self.upstream.password_file
+            && let Err(e) = std::fs::read(path)
+        {
+            problems.push(format!("upstream.password_file: cannot read {}: {e}", path.display()));
         }
         if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
             problems.push("upstream.pool_size: must be between 1 and 64".into());
@@ -495,7 +495,7 @@ pub mod size {
     /// `67108864` → `"64MiB"`.
     pub fn render(n: u64) -> String {
         for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if n >= scale && n % scale == 0 {
+            if n >= scale && n.is_multiple_of(scale) {
                 return format!("{}{unit}", n / scale);
             }
         }
@@ -517,7 +517,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sidecache-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7001\"\n[limits]\nmax_clients = 5\n").unwrap();
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7001\"\n[limits]\nmax_clients = 5\n",
+        )
+        .unwrap();
         let env = vec![
             ("SIDECACHE_ADMIN_LISTEN".to_string(), "127.0.0.1:7002".to_string()),
             ("SIDECACHE_LIMITS__MAX_OUTPUT_BYTES".to_string(), "1MiB".to_string()),
@@ -535,8 +539,7 @@ mod tests {
 
     #[test]
     fn every_problem_is_listed() {
-        let mut c = Config::default();
-        c.listen = "nowhere".into();
+        let mut c = Config { listen: "nowhere".into(), ..Default::default() };
         c.upstream.url = "http://x".into();
         c.limits.max_clients = 0;
         let problems = c.validate().unwrap_err().problems;

@@ -10,7 +10,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::command::Family;
@@ -74,7 +76,11 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(COMMANDS_TOTAL, "Commands handled, by command family.");
-    describe_histogram!(COMMAND_DURATION, metrics::Unit::Seconds, "Time from a command's arrival to its reply, by family.");
+    describe_histogram!(
+        COMMAND_DURATION,
+        metrics::Unit::Seconds,
+        "Time from a command's arrival to its reply, by family."
+    );
     describe_gauge!(CLIENT_CONNECTIONS, "Open client connections.");
     describe_counter!(CLIENTS_REJECTED, "Client connections refused because max_clients was reached.");
     describe_gauge!(UPSTREAM_UP, "1 when the upstream Redis answers health checks, else 0.");

@@ -127,11 +127,12 @@ impl Server {
                 max_reply_bytes: usize::try_from(config.limits.max_reply_bytes).unwrap_or(usize::MAX),
             },
         };
-        let creds = target.password.as_ref().map(|pass| Creds {
-            user: target.username.clone().map(Into::into),
-            pass: pass.clone().into(),
-        });
-        let upstream = Arc::new(Upstream::new(endpoint, creds, target.db, config.upstream.pool_size, config.upstream.max_backoff));
+        let creds = target
+            .password
+            .as_ref()
+            .map(|pass| Creds { user: target.username.clone().map(Into::into), pass: pass.clone().into() });
+        let upstream =
+            Arc::new(Upstream::new(endpoint, creds, target.db, config.upstream.pool_size, config.upstream.max_backoff));
         let ctx = Arc::new(Context {
             upstream,
             policy: ArcSwap::from_pointee(Policy::from_config(&config)),

@@ -39,7 +39,9 @@ use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
 use crate::protocol::{RequestError, RequestParser};
 use crate::server::Context;
-use crate::upstream::{Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter};
+use crate::upstream::{
+    Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter,
+};
 
 /// Bytes gathered before the writer flushes even if more replies are ready.
 const FLUSH_AT: usize = 64 * 1024;
@@ -234,7 +236,9 @@ impl Reader {
             let policy = self.ctx.policy.load();
             let in_frame = parser.in_frame(&buf);
             let deadline = match (in_frame, frame_started) {
-                (true, Some(t)) if !policy.frame_deadline.is_zero() => Some((t + policy.frame_deadline, "frame_deadline")),
+                (true, Some(t)) if !policy.frame_deadline.is_zero() => {
+                    Some((t + policy.frame_deadline, "frame_deadline"))
+                }
                 _ if !policy.idle_timeout.is_zero() && !self.state.needs_pin() => {
                     Some((Instant::now() + policy.idle_timeout, "idle_timeout"))
                 }
@@ -341,22 +345,22 @@ impl Reader {
 
     /// Sends queued commands to their connections.
     async fn flush(&mut self) -> Result<(), Stop> {
-        if let Some((handle, batch)) = self.batch.take() {
-            if let Err(batch) = handle.send(batch).await {
-                // The connection died before taking the batch: nothing of it ran.
-                let err = UpstreamError::Lost;
-                for w in batch.waiters {
-                    let _ = w.tx.send(Err(err.clone()));
-                }
-                self.pool = None;
+        if let Some((handle, batch)) = self.batch.take()
+            && let Err(batch) = handle.send(batch).await
+        {
+            // The connection died before taking the batch: nothing of it ran.
+            let err = UpstreamError::Lost;
+            for w in batch.waiters {
+                let _ = w.tx.send(Err(err.clone()));
             }
+            self.pool = None;
         }
         if !self.pinned_out.is_empty() {
             let bytes = self.pinned_out.split().freeze();
-            if let Some(p) = &mut self.pinned {
-                if p.write(&bytes).await.is_err() {
-                    return Err(Stop::Drain);
-                }
+            if let Some(p) = &mut self.pinned
+                && p.write(&bytes).await.is_err()
+            {
+                return Err(Stop::Drain);
             }
         }
         Ok(())
@@ -385,7 +389,7 @@ impl Reader {
     }
 
     /// Queues a command on the session's multiplexed connection.
-    async fn to_pool(&mut self, args: &[Bytes], meta: Meta) -> Result<(), Stop> {
+    async fn send_pooled(&mut self, args: &[Bytes], meta: Meta) -> Result<(), Stop> {
         self.switch(Target::Pool).await?;
         let handle = match self.pool_handle().await {
             Ok(h) => h,
@@ -411,10 +415,11 @@ impl Reader {
 
     async fn pool_handle(&mut self) -> Result<MuxHandle, UpstreamError> {
         let key = self.state.key();
-        if let Some((k, h)) = &self.pool {
-            if *k == key && h.is_alive() {
-                return Ok(h.clone());
-            }
+        if let Some((k, h)) = &self.pool
+            && *k == key
+            && h.is_alive()
+        {
+            return Ok(h.clone());
         }
         let pool = self.ctx.upstream.pool(&key).await?;
         let handle = self.ctx.upstream.connection(&pool, self.id).await?;
@@ -427,7 +432,8 @@ impl Reader {
         if self.pinned.is_some() {
             return Ok(());
         }
-        let (pinned, frames) = Pinned::open(self.ctx.upstream.endpoint(), &self.state.handshake(), self.budget.clone()).await?;
+        let (pinned, frames) =
+            Pinned::open(self.ctx.upstream.endpoint(), &self.state.handshake(), self.budget.clone()).await?;
         self.pinned = Some(pinned);
         self.push(Slot::Attach(frames)).await.map_err(|_| UpstreamError::Lost)?;
         Ok(())
@@ -447,7 +453,7 @@ impl Reader {
 
     /// Sends commands on the dedicated connection. `hidden` commands go first and their
     /// replies are not shown; `replies` is what the client's command produces.
-    async fn to_pinned(
+    async fn send_pinned(
         &mut self,
         hidden: &[&[&[u8]]],
         args: &[Bytes],
@@ -476,7 +482,7 @@ impl Reader {
         let (tx, rx) = oneshot::channel();
         let replies = self.expected_replies(1);
         let report = (replies == 1).then_some(tx);
-        if !self.to_pinned(&[], &cmd.args, replies, meta, report).await? || replies == 0 {
+        if !self.send_pinned(&[], &cmd.args, replies, meta, report).await? || replies == 0 {
             return Ok(None);
         }
         self.flush().await?;
@@ -519,7 +525,7 @@ impl Reader {
                 self.push(Slot::Local(encode::simple("RESET"), Some(meta))).await?;
             }
             Kind::Multi => {
-                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
                     self.state.in_multi = true;
                 }
             }
@@ -530,30 +536,31 @@ impl Reader {
                 self.state.watching = false;
                 if dirty {
                     let discard: &[&[u8]] = &[b"DISCARD"];
-                    self.to_pinned(&[discard], &[], 0, meta, None).await?;
-                    self.local(encode::error("EXECABORT Transaction discarded because of previous errors."), meta).await?;
+                    self.send_pinned(&[discard], &[], 0, meta, None).await?;
+                    self.local(encode::error("EXECABORT Transaction discarded because of previous errors."), meta)
+                        .await?;
                 } else {
                     let replies = self.expected_replies(1);
-                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
                 }
             }
             Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
-                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
                     self.state.watching = true;
                 }
             }
             Kind::Unwatch if !self.state.in_multi => {
                 let replies = self.expected_replies(1);
                 if pinned_mode {
-                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
                 } else {
-                    self.to_pool(&cmd.args, meta).await?;
+                    self.send_pooled(&cmd.args, meta).await?;
                 }
                 self.state.watching = false;
             }
             Kind::Subscribe(kind) if cmd.args.len() > 1 && !self.state.in_multi => {
                 let replies = self.expected_replies(cmd.args.len() - 1);
-                if self.to_pinned(&[], &cmd.args, replies, meta, None).await? {
+                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
                     let subs = self.state.subs(kind);
                     subs.extend(cmd.params().iter().cloned());
                 }
@@ -563,7 +570,7 @@ impl Reader {
                 let subs = self.state.subs(kind);
                 let n = if named > 0 { named } else { subs.len().max(1) };
                 let replies = self.expected_replies(n);
-                if self.to_pinned(&[], &cmd.args, replies, meta, None).await? {
+                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
                     let subs = self.state.subs(kind);
                     if named == 0 {
                         subs.clear();
@@ -575,7 +582,7 @@ impl Reader {
                 }
             }
             Kind::Monitor if !self.state.in_multi => {
-                if self.to_pinned(&[], &cmd.args, 1, meta, None).await? {
+                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
                     self.state.monitor = true;
                     self.state.sticky = true;
                 }
@@ -583,12 +590,12 @@ impl Reader {
             Kind::Sticky => {
                 self.state.sticky = true;
                 let replies = self.expected_replies(1);
-                self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
             }
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
             Kind::Blocking if !self.state.in_multi => {
                 let replies = self.expected_replies(1);
-                self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
             }
             Kind::Wait if !self.state.in_multi => {
                 // WAIT counts replicas that acknowledged this connection's last write. The
@@ -596,7 +603,7 @@ impl Reader {
                 // one first moves its write offset past them (PUBLISH is propagated to replicas).
                 let replies = self.expected_replies(1);
                 let barrier: &[&[u8]] = &[b"PUBLISH", b"__sidecache__:wait", b""];
-                self.to_pinned(&[barrier], &cmd.args, replies, meta, None).await?;
+                self.send_pinned(&[barrier], &cmd.args, replies, meta, None).await?;
             }
             Kind::Select | Kind::Auth | Kind::Hello if pinned_mode => self.state_change_pinned(&cmd, meta).await?,
             Kind::Select => self.select(&cmd, meta).await?,
@@ -613,9 +620,9 @@ impl Reader {
             _ => {
                 if pinned_mode {
                     let replies = self.expected_replies(1);
-                    self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
                 } else {
-                    self.to_pool(&cmd.args, meta).await?;
+                    self.send_pooled(&cmd.args, meta).await?;
                 }
             }
         }
@@ -638,7 +645,7 @@ impl Reader {
             // Redis applies the new mode to this very command: ON answers, OFF/SKIP do not.
             self.state.reply_mode = mode;
         }
-        self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+        self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
         Ok(())
     }
 
@@ -656,7 +663,7 @@ impl Reader {
         self.state.creds = key.creds;
         self.state.db = key.db;
         self.state.proto = key.proto;
-        self.to_pool(args, meta).await?;
+        self.send_pooled(args, meta).await?;
         Ok(true)
     }
 
@@ -664,7 +671,7 @@ impl Reader {
         let db = match cmd.args.get(1).and_then(|a| crate::protocol::request::parse_i64(a)) {
             Some(db) if cmd.args.len() == 2 && (0..=i64::from(i32::MAX)).contains(&db) => db as u32,
             // Redis answers malformed or negative indexes itself.
-            _ => return self.to_pool(&cmd.args, meta).await,
+            _ => return self.send_pooled(&cmd.args, meta).await,
         };
         let mut key = self.state.key();
         key.db = db;
@@ -676,7 +683,7 @@ impl Reader {
         let creds = match cmd.args.len() {
             2 => Creds { user: None, pass: cmd.args[1].clone() },
             3 => Creds { user: Some(cmd.args[1].clone()), pass: cmd.args[2].clone() },
-            _ => return self.to_pool(&cmd.args, meta).await,
+            _ => return self.send_pooled(&cmd.args, meta).await,
         };
         let mut key = self.state.key();
         key.creds = Some(creds);
@@ -688,12 +695,12 @@ impl Reader {
         let Some(hello) = parse_hello(cmd) else {
             // Anything unusual: let Redis answer on the current connection (it changes nothing
             // there when it is an error).
-            return self.to_pool(&cmd.args, meta).await;
+            return self.send_pooled(&cmd.args, meta).await;
         };
-        if let Some(name) = &hello.name {
-            if let Err(e) = check_client_name(name) {
-                return self.local(e, meta).await;
-            }
+        if let Some(name) = &hello.name
+            && let Err(e) = check_client_name(name)
+        {
+            return self.local(e, meta).await;
         }
         let mut key = self.state.key();
         if let Some(proto) = hello.proto {
@@ -704,17 +711,17 @@ impl Reader {
         }
         let version = key.proto.version().to_string();
         let forwarded = [Bytes::from_static(b"HELLO"), Bytes::from(version)];
-        if self.move_to(key, &forwarded, meta).await? {
-            if let Some(name) = hello.name {
-                self.state.name = if name.is_empty() { None } else { Some(name) };
-            }
+        if self.move_to(key, &forwarded, meta).await?
+            && let Some(name) = hello.name
+        {
+            self.state.name = if name.is_empty() { None } else { Some(name) };
         }
         Ok(())
     }
 
     async fn client_setname(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
         if cmd.args.len() != 3 {
-            return self.to_pool(&cmd.args, meta).await;
+            return self.send_pooled(&cmd.args, meta).await;
         }
         let name = cmd.args[2].clone();
         if let Err(e) = check_client_name(&name) {
@@ -738,7 +745,7 @@ impl Reader {
             // Queued: it takes effect at EXEC, on this connection, which is kept for good.
             self.state.sticky = true;
             let replies = self.expected_replies(1);
-            self.to_pinned(&[], &cmd.args, replies, meta, None).await?;
+            self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
             return Ok(());
         }
         let Some(reply) = self.pinned_with_report(cmd, meta).await? else {
@@ -783,7 +790,6 @@ impl Reader {
         Ok(())
     }
 }
-
 
 struct Hello {
     proto: Option<Proto>,

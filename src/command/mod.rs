@@ -256,7 +256,9 @@ fn family_of(name: &[u8]) -> Family {
         }
         b"DEL" | b"UNLINK" | b"EXISTS" | b"EXPIRE" | b"PEXPIRE" | b"EXPIREAT" | b"PEXPIREAT" | b"EXPIRETIME"
         | b"PEXPIRETIME" | b"TTL" | b"PTTL" | b"PERSIST" | b"TYPE" | b"KEYS" | b"SCAN" | b"RENAME" | b"RENAMENX"
-        | b"COPY" | b"MOVE" | b"DUMP" | b"RESTORE" | b"OBJECT" | b"TOUCH" | b"RANDOMKEY" | b"SORT" | b"SORT_RO" => F::Key,
+        | b"COPY" | b"MOVE" | b"DUMP" | b"RESTORE" | b"OBJECT" | b"TOUCH" | b"RANDOMKEY" | b"SORT" | b"SORT_RO" => {
+            F::Key
+        }
         b"PING" | b"ECHO" => F::Connection,
         b"INFO" | b"DBSIZE" | b"FLUSHDB" | b"FLUSHALL" | b"CONFIG" | b"TIME" | b"COMMAND" | b"LASTSAVE" | b"SAVE"
         | b"BGSAVE" | b"BGREWRITEAOF" | b"SLOWLOG" | b"LATENCY" | b"MEMORY" | b"ACL" | b"DEBUG" | b"SHUTDOWN"

@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(scan_whole(b"%1\r\n+a\r\n*0\r\n"), Ok(Some(12)));
         assert_eq!(scan_whole(b"|1\r\n+k\r\n+v\r\n:1\r\n"), Ok(Some(16)));
         assert_eq!(scan_whole(b"*2\r\n$1\r\na\r\n"), Ok(None));
-        assert_eq!(scan_whole(b"?"), Err(ReplyError::InvalidType(b'?')));
+        assert_eq!(scan_whole(b"?x\r\n"), Err(ReplyError::InvalidType(b'?')));
     }
 
     #[test]

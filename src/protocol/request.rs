@@ -204,7 +204,12 @@ impl RequestParser {
 
     /// Reads a `*N` or `$N` header line, returning the digits. Like Redis it looks for `\r`,
     /// requires one more byte after it, and skips both.
-    fn header_line(&self, buf: &mut BytesMut, limits: &RequestLimits, too_big: RequestError) -> Result<Option<Bytes>, RequestError> {
+    fn header_line(
+        &self,
+        buf: &mut BytesMut,
+        limits: &RequestLimits,
+        too_big: RequestError,
+    ) -> Result<Option<Bytes>, RequestError> {
         let Some(cr) = memchr::memchr(b'\r', buf) else {
             if buf.len() > limits.max_inline_bytes {
                 return Err(too_big);
@@ -282,12 +287,13 @@ pub fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
                 break;
             };
             if in_double {
-                if c == b'\\' && at(p + 1) == Some(b'x') {
-                    if let (Some(h), Some(l)) = (at(p + 2).and_then(hex_value), at(p + 3).and_then(hex_value)) {
-                        current.push(h * 16 + l);
-                        p += 4;
-                        continue;
-                    }
+                if c == b'\\'
+                    && at(p + 1) == Some(b'x')
+                    && let (Some(h), Some(l)) = (at(p + 2).and_then(hex_value), at(p + 3).and_then(hex_value))
+                {
+                    current.push(h * 16 + l);
+                    p += 4;
+                    continue;
                 }
                 if c == b'\\' && at(p + 1).is_some() {
                     let e = at(p + 1).unwrap_or_default();

@@ -46,10 +46,10 @@ impl FrameReader {
     /// Returns the next complete reply, exactly as Redis sent it.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Bytes, UpstreamError> {
         loop {
-            if !self.buf.is_empty() {
-                if let Some(n) = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)? {
-                    return Ok(self.buf.split_to(n).freeze());
-                }
+            if !self.buf.is_empty()
+                && let Some(n) = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)?
+            {
+                return Ok(self.buf.split_to(n).freeze());
             }
             self.buf.reserve(READ_CHUNK);
             let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
@@ -63,9 +63,8 @@ impl FrameReader {
 /// Connects and runs the handshake; returns the stream and a reader holding any extra bytes.
 pub async fn open(ep: &Endpoint, hs: &Handshake) -> Result<(TcpStream, FrameReader), UpstreamError> {
     let work = async {
-        let mut stream = TcpStream::connect((ep.host.as_str(), ep.port))
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let mut stream =
+            TcpStream::connect((ep.host.as_str(), ep.port)).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| UpstreamError::Connect(e.to_string()))?;
         let mut out = BytesMut::new();
         let mut expected = 0;

@@ -239,7 +239,8 @@ impl Upstream {
             Err(e) => {
                 Metrics::get().upstream_connect_failures.increment(1);
                 let failures = failures + 1;
-                *state = SlotState::Down { until: Instant::now() + self.backoff(failures), error: e.to_string(), failures };
+                *state =
+                    SlotState::Down { until: Instant::now() + self.backoff(failures), error: e.to_string(), failures };
                 Err(e)
             }
         }

@@ -1,0 +1,417 @@
+//! Transparency: every command behaves through sidecache exactly as against Redis directly.
+//! Where possible a test runs the same commands against both and compares the reply bytes.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+
+/// Runs `script` on a direct connection and through the proxy (on separate databases of the
+/// same Redis, so state does not collide) and asserts identical reply bytes.
+async fn same_as_direct(redis: &RedisServer, proxy: &Proxy, script: &[&[&str]]) {
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    assert_eq!(direct.cmd(&["SELECT", "9"]).await, b("+OK\r\n"));
+    assert_eq!(via.cmd(&["SELECT", "10"]).await, b("+OK\r\n"));
+    for cmd in script {
+        let want = direct.cmd(cmd).await;
+        let got = via.cmd(cmd).await;
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_errors_match_redis_byte_for_byte() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    same_as_direct(
+        &redis,
+        &proxy,
+        &[
+            &["SET", "k", "v"],
+            &["GET", "k"],
+            &["GET", "missing"],
+            &["INCR", "k"],
+            &["LPUSH", "k", "x"],
+            &["HSET", "h", "a", "1", "b", "2"],
+            &["HGETALL", "h"],
+            &["NOSUCHCOMMAND", "a", "b"],
+            &["GET"],
+            &["SET", "k", "v", "BOGUS"],
+            &["EXPIRE", "k", "notanumber"],
+            &["ZADD", "z", "1.5", "a", "2", "b"],
+            &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+            &["EVAL", "return {1, 'two', {3}}", "0"],
+            &["EVAL", "return redis.error_reply('MYERR custom')", "0"],
+            &["OBJECT", "ENCODING", "h"],
+            &["PING"],
+            &["PING", "hello"],
+            &["ECHO", "bytes"],
+            &["CLIENT", "GETNAME"],
+            &["SELECT", "notanumber"],
+            &["SELECT", "-1"],
+            &["SELECT", "99"],
+            &["AUTH"],
+            &["HELLO", "4"],
+            &["HELLO", "x"],
+            &["HELLO", "3", "BOGUS"],
+            &["CLIENT", "SETNAME", "has space"],
+            &["EXEC"],
+            &["DISCARD"],
+            &["UNWATCH"],
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_safe_keys_and_values_round_trip() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let key: Vec<u8> = b"k\0\r\n\xff*1\r\n$".to_vec();
+    let value: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    assert_eq!(c.cmd_bin(&[b"SET", &key, &value]).await, b("+OK\r\n"));
+    let mut want = format!("${}\r\n", value.len()).into_bytes();
+    want.extend_from_slice(&value);
+    want.extend_from_slice(b"\r\n");
+    assert_eq!(c.cmd_bin(&[b"GET", &key]).await, Bytes::from(want.clone()));
+    // And Redis itself stored exactly those bytes under exactly that key.
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd_bin(&[b"GET", &key]).await, Bytes::from(want));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_mib_value_round_trips() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let value: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+    assert_eq!(c.cmd_bin(&[b"SET", b"big", &value]).await, b("+OK\r\n"));
+    let reply = c.cmd(&["GET", "big"]).await;
+    let header = format!("${}\r\n", value.len());
+    assert!(reply.starts_with(header.as_bytes()));
+    assert_eq!(&reply[header.len()..reply.len() - 2], &value[..], "8 MiB value came back changed");
+    assert_eq!(c.cmd(&["STRLEN", "big"]).await, b(":8388608\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_pipelined_commands_answer_in_order() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let mut pipeline = Vec::new();
+    for i in 0..20_000 {
+        if i % 2 == 0 {
+            pipeline.extend(encode(&[b"INCR", b"counter"]));
+        } else {
+            pipeline.extend(encode(&[b"ECHO", format!("e{i}").as_bytes()]));
+        }
+    }
+    // Write while reading, as a pipelining client does.
+    let (mut rd, mut wr) = c.stream.split();
+    let writer = async move {
+        use tokio::io::AsyncWriteExt;
+        wr.write_all(&pipeline).await.unwrap();
+    };
+    let reader = async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::new();
+        let mut replies = Vec::new();
+        while replies.len() < 20_000 {
+            match redis_protocol::resp2::decode::decode_bytes_mut(&mut buf).unwrap() {
+                Some((_, _, raw)) => replies.push(raw),
+                None => {
+                    let n = rd.read_buf(&mut buf).await.unwrap();
+                    assert!(n > 0, "connection closed after {} replies", replies.len());
+                }
+            }
+        }
+        replies
+    };
+    let (_, replies) =
+        tokio::time::timeout(PATIENCE, async { tokio::join!(writer, reader) }).await.expect("pipeline done");
+    for (i, r) in replies.iter().enumerate() {
+        let want = if i % 2 == 0 { format!(":{}\r\n", i / 2 + 1) } else { format!("$%\r\ne{i}\r\n") };
+        let want = if i % 2 == 0 { want } else { format!("${}\r\ne{i}\r\n", format!("e{i}").len()) };
+        assert_eq!(r, &Bytes::from(want), "reply {i} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_hello_with_auth_and_setname() {
+    let redis = RedisServer::start_with(&["--user", "alice", "on", ">secret", "~*", "&*", "+@all"]);
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let wrong = c.cmd(&["HELLO", "3", "AUTH", "alice", "nope"]).await;
+    assert!(wrong.starts_with(b"-WRONGPASS"), "{wrong:?}");
+    let hello = c.cmd(&["HELLO", "3", "AUTH", "alice", "secret", "SETNAME", "app-1"]).await;
+    assert!(hello.starts_with(b"%7\r\n"), "HELLO 3 answers a RESP3 map: {hello:?}");
+    assert!(hello.windows(7).any(|w| w == b":3\r\n$4\r" || w == b"proto\r\n"), "{hello:?}");
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, b("$5\r\napp-1\r\n"));
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, b("$5\r\nalice\r\n"));
+    c.cmd(&["HSET", "h", "f", "v"]).await;
+    assert_eq!(c.cmd(&["HGETALL", "h"]).await, b("%1\r\n$1\r\nf\r\n$1\r\nv\r\n"));
+    assert_eq!(c.cmd(&["GET", "missing"]).await, b("_\r\n"));
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, b("$5\r\napp-1\r\n"));
+    // Back to RESP2 on the same connection.
+    let hello2 = c.cmd(&["HELLO", "2"]).await;
+    assert!(hello2.starts_with(b"*14\r\n"), "{hello2:?}");
+    assert_eq!(c.cmd(&["HGETALL", "h"]).await, b("*2\r\n$1\r\nf\r\n$1\r\nv\r\n"));
+    assert_eq!(c.cmd(&["GET", "missing"]).await, b("$-1\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_isolates_databases_between_clients() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut a = proxy.client().await;
+    let mut b_ = proxy.client().await;
+    assert_eq!(a.cmd(&["SELECT", "1"]).await, b("+OK\r\n"));
+    assert_eq!(a.cmd(&["SET", "k", "in-db1"]).await, b("+OK\r\n"));
+    assert_eq!(b_.cmd(&["GET", "k"]).await, b("$-1\r\n"));
+    assert_eq!(b_.cmd(&["SET", "k", "in-db0"]).await, b("+OK\r\n"));
+    assert_eq!(a.cmd(&["GET", "k"]).await, b("$6\r\nin-db1\r\n"));
+    assert_eq!(b_.cmd(&["SELECT", "99"]).await, b("-ERR DB index is out of range\r\n"));
+    assert_eq!(b_.cmd(&["GET", "k"]).await, b("$6\r\nin-db0\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SELECT", "1"]).await;
+    assert_eq!(direct.cmd(&["GET", "k"]).await, b("$6\r\nin-db1\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_exec_and_watch_conflict() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let mut other = proxy.client().await;
+    assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["SET", "k", "1"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["INCR", "k"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["EXEC"]).await, b("*2\r\n+OK\r\n:2\r\n"));
+    // WATCH conflict: another client changes the key between WATCH and EXEC.
+    assert_eq!(c.cmd(&["WATCH", "k"]).await, b("+OK\r\n"));
+    assert_eq!(other.cmd(&["SET", "k", "changed"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["SET", "k", "mine"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["EXEC"]).await, b("*-1\r\n"));
+    assert_eq!(c.cmd(&["GET", "k"]).await, b("$7\r\nchanged\r\n"));
+    // A queuing error aborts the transaction, as on Redis.
+    assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["NOSUCH"]).await, b("-ERR unknown command 'NOSUCH', with args beginning with: \r\n"));
+    assert_eq!(c.cmd(&["EXEC"]).await, b("-EXECABORT Transaction discarded because of previous errors.\r\n"));
+    // A command refused by sidecache's policy inside MULTI aborts it the same way.
+    assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["SET", "k", "x"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["DEBUG", "SLEEP", "0"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
+    assert_eq!(c.cmd(&["EXEC"]).await, b("-EXECABORT Transaction discarded because of previous errors.\r\n"));
+    assert_eq!(c.cmd(&["GET", "k"]).await, b("$7\r\nchanged\r\n"));
+    // Pipelined transaction.
+    let mut p = Vec::new();
+    for cmd in [&["MULTI"][..], &["INCR", "n"], &["INCR", "n"], &["EXEC"], &["GET", "n"]] {
+        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+        p.extend(encode(&args));
+    }
+    c.send_raw(&p).await;
+    for want in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", "*2\r\n:1\r\n:2\r\n", "$1\r\n2\r\n"] {
+        assert_eq!(c.read().await, b(want));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_in_resp2_and_resp3() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut sub2 = proxy.client().await;
+    sub2.send(&[b"SUBSCRIBE", b"news", b"alerts"]).await;
+    assert_eq!(sub2.read().await, b("*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"));
+    assert_eq!(sub2.read().await, b("*3\r\n$9\r\nsubscribe\r\n$6\r\nalerts\r\n:2\r\n"));
+    let mut sub3 = proxy.client().await;
+    assert!(sub3.cmd(&["HELLO", "3"]).await.starts_with(b"%"));
+    sub3.send(&[b"PSUBSCRIBE", b"n*"]).await;
+    assert_eq!(sub3.read().await, b(">3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:1\r\n"));
+    // RESP3 clients may run normal commands while subscribed.
+    assert_eq!(sub3.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
+    let mut publisher = proxy.client().await;
+    assert_eq!(publisher.cmd(&["PUBLISH", "news", "hello"]).await, b(":2\r\n"));
+    assert_eq!(sub2.read().await, b("*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"));
+    assert_eq!(sub3.read().await, b(">4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$5\r\nhello\r\n"));
+    // RESP2 subscribed mode: PING answers the pub/sub way; other commands are refused by Redis.
+    assert_eq!(sub2.cmd(&["PING"]).await, b("*2\r\n$4\r\npong\r\n$0\r\n\r\n"));
+    let refused = sub2.cmd(&["GET", "k"]).await;
+    assert!(refused.starts_with(b"-ERR Can't execute 'get'"), "{refused:?}");
+    sub2.send(&[b"UNSUBSCRIBE"]).await;
+    // One confirmation per channel, in Redis's own order, the last one with count 0.
+    let (first, second) = (sub2.read().await, sub2.read().await);
+    let text = format!("{}{}", String::from_utf8_lossy(&first), String::from_utf8_lossy(&second));
+    assert!(text.contains("$4\r\nnews\r\n") && text.contains("$6\r\nalerts\r\n"), "{text:?}");
+    assert!(first.starts_with(b"*3\r\n$11\r\nunsubscribe\r\n") && first.ends_with(b":1\r\n"), "{first:?}");
+    assert!(second.starts_with(b"*3\r\n$11\r\nunsubscribe\r\n") && second.ends_with(b":0\r\n"), "{second:?}");
+    // Unsubscribed: a normal client again.
+    assert_eq!(sub2.cmd(&["GET", "k"]).await, b("$1\r\nv\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blpop_is_woken_by_another_client() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut waiter = proxy.client().await;
+    let mut pusher = proxy.client().await;
+    let mut bystander = proxy.client().await;
+    waiter.send(&[b"BLPOP", b"queue", b"0"]).await;
+    // The blocked client must not delay anyone else.
+    for i in 0..50 {
+        assert_eq!(
+            bystander.cmd(&["ECHO", &i.to_string()]).await,
+            Bytes::from(format!("${}\r\n{i}\r\n", i.to_string().len()))
+        );
+    }
+    let addr = redis.addr();
+    eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
+    assert_eq!(pusher.cmd(&["RPUSH", "queue", "job"]).await, b(":1\r\n"));
+    assert_eq!(waiter.read().await, b("*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n"));
+    // Back to normal commands on the same client.
+    assert_eq!(waiter.cmd(&["LLEN", "queue"]).await, b(":0\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_disconnects_while_blocked_pops_nothing() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut waiter = proxy.client().await;
+    waiter.send(&[b"BLPOP", b"q", b"0"]).await;
+    let addr = redis.addr();
+    eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
+    drop(waiter);
+    eventually("the blocked upstream connection to close", || async {
+        info_field(&addr, "blocked_clients").await == "0"
+    })
+    .await;
+    let mut direct2 = Client::connect(&redis.addr()).await;
+    assert_eq!(direct2.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
+    assert_eq!(direct2.cmd(&["LRANGE", "q", "0", "-1"]).await, b("*1\r\n$8\r\nprecious\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_auth_and_noperm_errors_pass_through() {
+    let redis = RedisServer::start_with(&["--user", "reader", "on", ">pw", "~public:*", "+get", "+ping", "+auth"]);
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["SET", "public:a", "1"]).await, b("+OK\r\n"));
+    let wrong = c.cmd(&["AUTH", "reader", "bad"]).await;
+    assert_eq!(wrong, b("-WRONGPASS invalid username-password pair or user is disabled.\r\n"));
+    assert_eq!(c.cmd(&["AUTH", "reader", "pw"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["GET", "public:a"]).await, b("$1\r\n1\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["AUTH", "reader", "pw"]).await;
+    for cmd in [&["SET", "public:a", "2"][..], &["GET", "secret:x"]] {
+        let want = direct.cmd(cmd).await;
+        assert!(want.starts_with(b"-NOPERM"), "{want:?}");
+        assert_eq!(c.cmd(cmd).await, want, "NOPERM error for {cmd:?} passes through verbatim");
+    }
+    // One-argument AUTH against the passwordless default user gives Redis's own error.
+    let mut d = proxy.client().await;
+    let mut d_direct = Client::connect(&redis.addr()).await;
+    assert_eq!(d.cmd(&["AUTH", "x"]).await, d_direct.cmd(&["AUTH", "x"]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_setname_and_getname_are_per_client() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut a = proxy.client().await;
+    let mut other = proxy.client().await;
+    assert_eq!(a.cmd(&["CLIENT", "GETNAME"]).await, b("$-1\r\n"));
+    assert_eq!(a.cmd(&["CLIENT", "SETNAME", "worker-7"]).await, b("+OK\r\n"));
+    assert_eq!(a.cmd(&["CLIENT", "GETNAME"]).await, b("$8\r\nworker-7\r\n"));
+    assert_eq!(other.cmd(&["CLIENT", "GETNAME"]).await, b("$-1\r\n"));
+    // A dedicated connection carries the name to Redis (CLIENT LIST shows it).
+    let list = a.cmd(&["CLIENT", "LIST"]).await;
+    assert!(String::from_utf8_lossy(&list).contains("name=worker-7"), "{list:?}");
+    assert_eq!(a.cmd(&["CLIENT", "GETNAME"]).await, b("$8\r\nworker-7\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_command_keeps_the_connection_usable() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let err = c.cmd(&["FOOBAR", "x"]).await;
+    assert_eq!(err, b("-ERR unknown command 'FOOBAR', with args beginning with: 'x' \r\n"));
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_commands_work_like_redis() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    for line in
+        ["PING\r\n", "SET k \"a b\\x41\"\r\n", "GET k\n", "  ECHO   'it\\'s'  \r\n", "%1\r\n", "\r\n\r\nPING x\r\n"]
+    {
+        direct.send_raw(line.as_bytes()).await;
+        via.send_raw(line.as_bytes()).await;
+        assert_eq!(via.read().await, direct.read().await, "inline {line:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_answers_ok_and_closes() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    c.send_raw(&[encode(&[b"SET", b"a", b"1"]), encode(&[b"QUIT"]), encode(&[b"SET", b"a", b"2"])].concat()).await;
+    assert_eq!(c.read_until_closed().await, b("+OK\r\n+OK\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["GET", "a"]).await, b("$1\r\n1\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_drops_connection_state() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    c.cmd(&["SELECT", "2"]).await;
+    c.cmd(&["CLIENT", "SETNAME", "n"]).await;
+    c.cmd(&["MULTI"]).await;
+    assert_eq!(c.cmd(&["RESET"]).await, b("+RESET\r\n"));
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, b("$-1\r\n"));
+    assert_eq!(c.cmd(&["SET", "where", "db0"]).await, b("+OK\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["GET", "where"]).await, b("$3\r\ndb0\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_commands_get_noperm_and_connection_stays() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["shutdown"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["PING"]).await, b("+PONG\r\n"), "Redis is still up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_and_skip_suppress_replies() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    let script = [
+        encode(&[b"CLIENT", b"REPLY", b"OFF"]),
+        encode(&[b"SET", b"a", b"1"]),
+        encode(&[b"CLIENT", b"GETNAME"]),
+        encode(&[b"CLIENT", b"REPLY", b"ON"]),
+        encode(&[b"CLIENT", b"REPLY", b"SKIP"]),
+        encode(&[b"GET", b"a"]),
+        encode(&[b"ECHO", b"seen"]),
+    ]
+    .concat();
+    direct.send_raw(&script).await;
+    via.send_raw(&script).await;
+    for _ in 0..2 {
+        assert_eq!(via.read().await, direct.read().await);
+    }
+}
