@@ -1,0 +1,223 @@
+//! Lifecycle: configuration and CLI, admin endpoints, upstream failure and recovery, shutdown,
+//! reload, client limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sidecache::Config;
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("series {series} not in metrics:\n{text}"))
+}
+
+#[test]
+fn reference_config_file_is_valid_and_shows_the_defaults() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sidecache.toml");
+    let loaded = Config::load(Some(&path), &[], &Default::default()).expect("config/sidecache.toml loads");
+    assert_eq!(loaded.to_redacted_toml(), Config::default().to_redacted_toml(), "reference file drifted from defaults");
+}
+
+#[test]
+fn check_config_lists_every_problem_and_exits_64() {
+    let dir = std::env::temp_dir().join(format!("sidecache-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"not an address\"\n[upstream]\nurl = \"http://x\"\n[limits]\nmax_clients = 0\n")
+        .unwrap();
+    let out = std::process::Command::new(sidecache_bin())
+        .args(["--config", bad.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["listen", "upstream.url", "limits.max_clients"] {
+        assert!(err.contains(key), "problem with {key} not reported: {err}");
+    }
+    let unknown = dir.join("unknown.toml");
+    std::fs::write(&unknown, "[limits]\nmax_clientz = 3\n").unwrap();
+    let out = std::process::Command::new(sidecache_bin())
+        .args(["--config", unknown.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_clientz"));
+    let out = std::process::Command::new(sidecache_bin()).args(["--check-config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn print_config_redacts_secrets_and_applies_precedence() {
+    let dir = std::env::temp_dir().join(format!("sidecache-print-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:7000\"\nlog_level = \"debug\"\n[upstream]\nurl = \"redis://app:hunter2@10.1.2.3:6390/4\"\n")
+        .unwrap();
+    let out = std::process::Command::new(sidecache_bin())
+        .args(["--config", file.to_str().unwrap(), "--print-config", "--listen", "127.0.0.1:7100"])
+        .env("SIDECACHE_LOG_LEVEL", "warn")
+        .env("SIDECACHE_LIMITS__MAX_CLIENTS", "77")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter2"), "password leaked: {text}");
+    assert!(text.contains("redis://app:***@10.1.2.3:6390/4"), "{text}");
+    assert!(text.contains("listen = \"127.0.0.1:7100\""), "CLI wins over file: {text}");
+    assert!(text.contains("log_level = \"warn\""), "env wins over file: {text}");
+    assert!(text.contains("max_clients = 77"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_health_and_metrics() {
+    // The binary, so the metrics are this instance's alone (the recorder is process-wide).
+    let redis = RedisServer::start();
+    let proc = ProxyProcess::start(&redis.url(), &[]).await;
+    assert_eq!(http_get(proc.admin, "/livez").await.0, 200);
+    let admin = proc.admin;
+    eventually("readyz to turn 200", || async move { http_get(admin, "/readyz").await.0 == 200 }).await;
+    let mut c = Client::connect(&proc.addr.to_string()).await;
+    c.cmd(&["SET", "k", "v"]).await;
+    c.cmd(&["GET", "k"]).await;
+    let (status, body) = http_get(proc.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&body, "sidecache_commands_total{family=\"string\"}"), 2.0);
+    assert!(body.contains("# TYPE sidecache_command_duration_seconds histogram"), "histogram, not summary:\n{body}");
+    assert!(body.contains("sidecache_command_duration_seconds_bucket{family=\"string\",le=\"0.001\"}"));
+    assert_eq!(metric(&body, "sidecache_client_connections"), 1.0);
+    assert_eq!(metric(&body, "sidecache_upstream_up"), 1.0);
+    assert!(body.contains("sidecache_protocol_errors_total{kind=\"invalid_bulk_length\"}"));
+    assert_eq!(http_get(proc.admin, "/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_gives_quick_errors_then_recovers() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.upstream.max_backoff = Duration::from_millis(200)).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["SET", "k", "before"]).await, b("+OK\r\n"));
+    redis.kill();
+    // Every command gets an error reply (never a hang), and the connection stays usable.
+    for _ in 0..5 {
+        let reply = c.cmd(&["GET", "k"]).await;
+        assert!(reply.starts_with(b"-ERR sidecache: upstream"), "{reply:?}");
+    }
+    let p = &proxy;
+    eventually("readyz to turn 503", || async move { p.http_get("/readyz").await.0 == 503 }).await;
+    let (_, body) = proxy.http_get("/readyz").await;
+    assert!(body.starts_with("upstream unreachable"), "{body}");
+    redis.restart();
+    // Redis restarted empty (no persistence): the same client recovers without reconnecting.
+    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
+    eventually("commands to succeed again", || {
+        let c = c.clone();
+        async move { c.lock().await.cmd(&["SET", "k", "after"]).await == b("+OK\r\n") }
+    })
+    .await;
+    assert_eq!(c.lock().await.cmd(&["GET", "k"]).await, b("$5\r\nafter\r\n"));
+    eventually("readyz to turn 200 again", || async move { p.http_get("/readyz").await.0 == 200 }).await;
+    // New clients work too.
+    let mut fresh = proxy.client().await;
+    assert_eq!(fresh.cmd(&["GET", "k"]).await, b("$5\r\nafter\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_inflight_pipeline_finish_and_exits_zero() {
+    let redis = RedisServer::start();
+    let mut proc = ProxyProcess::start(&redis.url(), &[]).await;
+    let mut c = Client::connect(&proc.addr.to_string()).await;
+    // A blocking command in flight (answered by its timeout) plus a pipeline behind it.
+    let mut pipeline = encode(&[b"BLPOP", b"nothing", b"1"]);
+    for i in 0..1000 {
+        pipeline.extend(encode(&[b"INCR", b"n"]));
+        let _ = i;
+    }
+    c.send_raw(&pipeline).await;
+    let addr = redis.addr();
+    eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
+    proc.signal(libc::SIGTERM);
+    assert_eq!(c.read().await, b("*-1\r\n"), "the blocked command completes");
+    for i in 1..=1000 {
+        assert_eq!(c.read().await, bytes::Bytes::from(format!(":{i}\r\n")));
+    }
+    let status = tokio::time::timeout(PATIENCE, proc.child.wait()).await.expect("exited in time").unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", proc.log.lock().unwrap());
+    // New connections are refused after shutdown.
+    assert!(tokio::net::TcpStream::connect(proc.addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policy_without_dropping_clients() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("sidecache-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, "[security]\ndeny = [\"FLUSHALL\"]\n").unwrap();
+    let proc = ProxyProcess::start(&redis.url(), &["--config", file.to_str().unwrap()]).await;
+    let mut c = Client::connect(&proc.addr.to_string()).await;
+    assert_eq!(c.cmd(&["FLUSHALL"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
+    assert_eq!(c.cmd(&["ECHO", "x"]).await, b("$1\r\nx\r\n"));
+    std::fs::write(&file, "[security]\ndeny = [\"ECHO\"]\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    let log = proc.log.clone();
+    eventually("the reload to be logged", || {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains("Configuration reloaded") }
+    })
+    .await;
+    assert_eq!(c.cmd(&["ECHO", "x"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
+    assert_eq!(c.cmd(&["FLUSHALL"]).await, b("+OK\r\n"));
+    // An invalid file is rejected and the running policy stays.
+    std::fs::write(&file, "[security]\ndeny = 5\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    eventually("the rejection to be logged", || {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains("New configuration rejected") }
+    })
+    .await;
+    assert_eq!(c.cmd(&["ECHO", "x"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_max_clients_get_redis_error() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.limits.max_clients = 2).await;
+    let mut a = proxy.client().await;
+    let mut b_ = proxy.client().await;
+    assert_eq!(a.cmd(&["PING"]).await, b("+PONG\r\n"));
+    assert_eq!(b_.cmd(&["PING"]).await, b("+PONG\r\n"));
+    let mut third = proxy.client().await;
+    assert_eq!(third.read_until_closed().await, b("-ERR max number of clients reached\r\n"));
+    drop(a);
+    let addr = proxy.addr;
+    eventually("a slot to free up", || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PING\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        &buf[..n] == b"+PONG\r\n"
+    })
+    .await;
+    assert_eq!(b_.cmd(&["PING"]).await, b("+PONG\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_use_no_upstream_connections() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(proxy.client().await);
+    }
+    for c in idle.iter_mut().take(50) {
+        assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    }
+    // Redis's own count: the pool, the proxy's health check, and this INFO connection.
+    let connected: u32 = info_field(&redis.addr(), "connected_clients").await.parse().unwrap();
+    let pooled = connected - 2;
+    assert!(pooled <= 2, "200 clients (50 active) use {pooled} upstream connections; pool size is 2");
+}
