@@ -441,6 +441,10 @@ impl Reader {
 
     /// Frames the dedicated connection sends for the next command, given the reply mode.
     fn expected_replies(&mut self, n: usize) -> usize {
+        if self.state.monitor {
+            // Everything a monitoring connection sends is forwarded as it comes.
+            return 0;
+        }
         match self.state.reply_mode {
             ReplyMode::On => n,
             ReplyMode::Off => 0,
@@ -582,9 +586,11 @@ impl Reader {
                 }
             }
             Kind::Monitor if !self.state.in_multi => {
-                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
-                    self.state.monitor = true;
-                    self.state.sticky = true;
+                // The slot carries the flag: after its +OK every frame is a monitor line.
+                self.state.monitor = true;
+                self.state.sticky = true;
+                if !self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
+                    self.state.monitor = false;
                 }
             }
             Kind::Sticky => {

@@ -415,3 +415,20 @@ async fn client_reply_off_and_skip_suppress_replies() {
         assert_eq!(via.read().await, direct.read().await);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_streams_commands_when_the_operator_allows_it() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.security.deny.clear()).await;
+    let mut mon = proxy.client().await;
+    assert_eq!(mon.cmd(&["MONITOR"]).await, b("+OK\r\n"));
+    let mut other = proxy.client().await;
+    assert_eq!(other.cmd(&["SET", "watched-key", "1"]).await, b("+OK\r\n"));
+    let mut seen = String::new();
+    while !seen.contains("watched-key") {
+        let line = mon.read().await;
+        assert!(line.starts_with(b"+"), "monitor lines are simple strings: {line:?}");
+        seen = String::from_utf8_lossy(&line).to_string();
+    }
+    assert!(seen.contains("\"SET\" \"watched-key\" \"1\""), "{seen}");
+}
