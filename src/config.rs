@@ -28,6 +28,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_POOL_SIZE: usize = 2;
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default longest wait for a reply on a shared connection.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on reconnect backoff.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Default maximum of client connections (Redis `maxclients` default).
@@ -101,6 +103,11 @@ pub struct UpstreamConfig {
     /// Connect (and handshake) timeout.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// Commands on a shared connection that get no reply at all for this long make sidecache
+    /// drop that connection and answer them with `-ERR` (`0s`: wait forever). Blocking
+    /// commands run on dedicated connections and are not subject to it.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
     /// Cap of the reconnect backoff.
     #[serde(with = "duration")]
     pub max_backoff: Duration,
@@ -169,6 +176,7 @@ impl Default for UpstreamConfig {
             password_file: None,
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_backoff: DEFAULT_MAX_BACKOFF,
         }
     }

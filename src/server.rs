@@ -122,6 +122,7 @@ impl Server {
             host: target.host.clone(),
             port: target.port,
             connect_timeout: config.upstream.connect_timeout,
+            command_timeout: config.upstream.command_timeout,
             limits: ReplyLimits {
                 max_depth: config.limits.max_reply_depth,
                 max_reply_bytes: usize::try_from(config.limits.max_reply_bytes).unwrap_or(usize::MAX),

@@ -221,3 +221,28 @@ async fn idle_clients_use_no_upstream_connections() {
     let pooled = connected - 2;
     assert!(pooled <= 2, "200 clients (50 active) use {pooled} upstream connections; pool size is 2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_gives_errors_not_hangs() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| {
+        c.upstream.command_timeout = Duration::from_millis(300);
+        c.upstream.max_backoff = Duration::from_millis(100);
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
+    redis.signal(libc::SIGSTOP);
+    let reply = c.cmd(&["GET", "k"]).await;
+    redis.signal(libc::SIGCONT);
+    assert_eq!(
+        reply,
+        b("-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n")
+    );
+    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
+    eventually("commands to succeed after SIGCONT", || {
+        let c = c.clone();
+        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$1\r\nv\r\n") }
+    })
+    .await;
+}

@@ -51,6 +51,9 @@ pub enum UpstreamError {
     /// Socket error.
     #[error("upstream I/O error: {0}")]
     Io(String),
+    /// Commands waited this long with no reply at all.
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
     /// Redis sent bytes that are not a valid reply within limits.
     #[error("upstream protocol error: {0}")]
     Protocol(crate::protocol::ReplyError),
@@ -64,6 +67,9 @@ impl UpstreamError {
             UpstreamError::Lost | UpstreamError::Closed => {
                 encode::error("ERR sidecache: upstream connection lost; the command may or may not have run")
             }
+            UpstreamError::Timeout(t) => encode::error(&format!(
+                "ERR sidecache: upstream did not answer within {t:?}; the command may or may not have run"
+            )),
             other => encode::error(&format!("ERR sidecache: {other}")),
         }
     }
@@ -98,6 +104,8 @@ pub struct Endpoint {
     pub port: u16,
     /// Connect plus handshake timeout.
     pub connect_timeout: Duration,
+    /// Longest wait for a reply on a shared connection with commands in flight (zero: none).
+    pub command_timeout: Duration,
     /// Reply framing limits.
     pub limits: ReplyLimits,
 }
@@ -206,7 +214,7 @@ impl Upstream {
                 return Err(e);
             }
         };
-        let first = MuxHandle::spawn(stream, reader);
+        let first = MuxHandle::spawn(stream, reader, self.endpoint.command_timeout);
         let pool = Arc::new(Pool {
             key: key.clone(),
             slots: (0..self.pool_size)
@@ -232,7 +240,7 @@ impl Upstream {
         let hs = Handshake { creds: pool.key.creds.clone(), db: pool.key.db, proto: pool.key.proto, name: None };
         match conn::open(&self.endpoint, &hs).await {
             Ok((stream, reader)) => {
-                let h = MuxHandle::spawn(stream, reader);
+                let h = MuxHandle::spawn(stream, reader, self.endpoint.command_timeout);
                 *state = SlotState::Up(h.clone());
                 Ok(h)
             }

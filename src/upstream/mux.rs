@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -43,10 +44,12 @@ pub struct Batch {
     pub waiters: Vec<Waiter>,
 }
 
-#[derive(Default)]
 struct InFlight {
     waiters: VecDeque<Waiter>,
     closed: bool,
+    /// When the connection last made progress: a reply arrived, or commands were queued on an
+    /// idle connection. Commands waiting longer than the timeout since then mean Redis is stuck.
+    progress: Instant,
 }
 
 /// A cloneable handle to a multiplexed connection.
@@ -62,15 +65,17 @@ const QUEUE: usize = 1024;
 const MAX_WRITE: usize = 1024 * 1024;
 
 impl MuxHandle {
-    /// Starts the driver tasks for an already handshaken connection.
-    pub fn spawn(stream: TcpStream, reader: FrameReader) -> MuxHandle {
+    /// Starts the driver tasks for an already handshaken connection. When commands wait
+    /// `timeout` without any reply (zero: never), the connection is discarded.
+    pub fn spawn(stream: TcpStream, reader: FrameReader, timeout: Duration) -> MuxHandle {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(QUEUE);
         let dead = CancellationToken::new();
-        let inflight = Arc::new(Mutex::new(InFlight::default()));
+        let inflight =
+            Arc::new(Mutex::new(InFlight { waiters: VecDeque::new(), closed: false, progress: Instant::now() }));
         Metrics::get().upstream_connections.increment(1.0);
         tokio::spawn(write_loop(wr, rx, inflight.clone(), dead.clone()));
-        tokio::spawn(read_loop(rd, reader, inflight, dead.clone()));
+        tokio::spawn(read_loop(rd, reader, inflight, dead.clone(), timeout));
         MuxHandle { tx, dead }
     }
 
@@ -128,6 +133,9 @@ async fn write_loop(
         let mut rejected = Vec::new();
         {
             let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if q.waiters.is_empty() {
+                q.progress = Instant::now();
+            }
             for b in &mut batches {
                 if q.closed {
                     rejected.append(&mut b.waiters);
@@ -170,15 +178,34 @@ async fn read_loop(
     mut reader: FrameReader,
     inflight: Arc<Mutex<InFlight>>,
     dead: CancellationToken,
+    timeout: Duration,
 ) {
+    // The stall check runs a few times per timeout; with no timeout it never fires.
+    let period =
+        if timeout.is_zero() { Duration::from_secs(3600) } else { (timeout / 4).max(Duration::from_millis(5)) };
+    let mut stall_check = tokio::time::interval(period);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let err = loop {
         let frame = tokio::select! {
             _ = dead.cancelled() => break UpstreamError::Lost,
+            // `next` keeps its state in `reader`, so interrupting it loses no bytes.
             f = reader.next(&mut rd) => f,
+            _ = stall_check.tick() => {
+                let q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                if !timeout.is_zero() && !q.waiters.is_empty() && q.progress.elapsed() > timeout {
+                    tracing::warn!(timeout = ?timeout, "Upstream stopped answering; dropping the connection.");
+                    break UpstreamError::Timeout(timeout);
+                }
+                continue;
+            }
         };
         match frame {
             Ok(frame) => {
-                let waiter = inflight.lock().unwrap_or_else(|p| p.into_inner()).waiters.pop_front();
+                let waiter = {
+                    let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    q.progress = Instant::now();
+                    q.waiters.pop_front()
+                };
                 let Some(waiter) = waiter else {
                     tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
                     break UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength);
