@@ -25,10 +25,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -173,7 +174,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
     let budget = Arc::new(ReplyBudget::new(policy.max_output_bytes, kill.clone()));
     let (rd, wr) = stream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(policy.max_pipeline);
-    let writer = tokio::spawn(write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone()));
+    let awaiting = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone(), awaiting.clone()));
     let initial = ctx.upstream.initial_key();
     let mut session = Reader {
         ctx,
@@ -181,6 +183,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         state: State::new(&initial),
         slots: slots_tx,
         budget,
+        awaiting,
         batch: None,
         pinned: None,
         pinned_out: BytesMut::new(),
@@ -215,6 +218,8 @@ struct Reader {
     state: State,
     slots: mpsc::Sender<Slot>,
     budget: Arc<ReplyBudget>,
+    /// Upstream replies the client is waiting for (the writer counts them down).
+    awaiting: Arc<AtomicUsize>,
     /// Commands for the multiplexed connection, sent at the end of the read batch.
     batch: Option<(MuxHandle, Batch)>,
     pinned: Option<Pinned>,
@@ -232,6 +237,11 @@ impl Reader {
         let mut buf = BytesMut::new();
         let mut frame_started: Option<Instant> = None;
         let metrics = self.ctx.metrics;
+        // Built once: re-creating these futures on every read showed up in profiles.
+        let killed = kill.cancelled();
+        let stopping = shutdown.cancelled();
+        tokio::pin!(killed, stopping);
+        let mut rd = rd;
         loop {
             let policy = self.ctx.policy.load();
             let in_frame = parser.in_frame(&buf);
@@ -250,16 +260,17 @@ impl Reader {
                     None => std::future::pending().await,
                 }
             };
+            // Wait for readability without holding a buffer, so idle clients cost no buffer.
             tokio::select! {
                 biased;
-                _ = kill.cancelled() => {
-                    metrics.protocol_error("output_buffer");
-                    tracing::debug!(session = self.id, "Client output buffer limit exceeded; closing.");
-                    return Stop::Abort;
-                }
-                _ = shutdown.cancelled(), if !in_frame => return Stop::Drain,
+                _ = &mut killed => return Stop::Abort,
+                _ = &mut stopping, if !in_frame => return Stop::Drain,
                 _ = timer => {
                     let kind = deadline.map_or("idle_timeout", |d| d.1);
+                    // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
+                    if kind == "idle_timeout" && self.awaiting.load(Ordering::Relaxed) > 0 {
+                        continue;
+                    }
                     metrics.protocol_error(kind);
                     return Stop::Abort;
                 }
@@ -270,11 +281,16 @@ impl Reader {
                 }
             }
             buf.reserve(READ_CHUNK);
-            match rd.try_read_buf(&mut buf) {
-                Ok(0) => return Stop::Abort,
+            // One poll of `read_buf`: unlike `try_read`, a short read clears the readiness, so
+            // the next loop does not spend a system call on EAGAIN. Spurious readiness: loop.
+            let read = tokio::select! {
+                biased;
+                r = rd.read_buf(&mut buf) => r,
+                _ = std::future::ready(()) => continue,
+            };
+            match read {
+                Ok(0) | Err(_) => return Stop::Abort,
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Stop::Abort,
             }
             let limits = policy.request_limits;
             loop {
@@ -317,6 +333,9 @@ impl Reader {
 
     /// Pushes a slot; before waiting for room, sends what is queued so the writer can progress.
     async fn push(&mut self, slot: Slot) -> Result<(), Stop> {
+        if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. }) {
+            self.awaiting.fetch_add(1, Ordering::Relaxed);
+        }
         match self.slots.try_send(slot) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Abort),
@@ -888,6 +907,7 @@ struct Writer {
     pinned: Option<mpsc::Receiver<PinnedFrame>>,
     view: PubSubView,
     ctx: Arc<Context>,
+    awaiting: Arc<AtomicUsize>,
 }
 
 /// Error: the client connection must close now.
@@ -899,8 +919,10 @@ async fn write_loop(
     budget: Arc<ReplyBudget>,
     kill: CancellationToken,
     ctx: Arc<Context>,
+    awaiting: Arc<AtomicUsize>,
 ) {
-    let mut w = Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx };
+    let mut w =
+        Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx, awaiting };
     let _ = w.run(&mut slots).await;
     let _ = w.flush().await;
     let _ = w.wr.shutdown().await;
@@ -953,6 +975,7 @@ impl Writer {
                         }
                         Err(e) => self.out.extend_from_slice(&e.to_reply()),
                     }
+                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
                 Slot::Pinned { count, skip, meta, mut report, monitor } => {
@@ -993,6 +1016,7 @@ impl Writer {
                     if monitor {
                         self.view.monitor = true;
                     }
+                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(meta);
                 }
                 Slot::Attach(rx) => self.pinned = Some(rx),

@@ -145,7 +145,7 @@ impl RequestParser {
                         let Some(count) = self.header_line(buf, limits, RequestError::TooBigMultibulkCount)? else {
                             return Ok(None);
                         };
-                        let count = parse_i64(&count).ok_or(RequestError::InvalidMultibulkLength)?;
+                        let count = count.ok_or(RequestError::InvalidMultibulkLength)?;
                         if count > i64::from(i32::MAX) || count > limits.max_args as i64 {
                             return Err(RequestError::InvalidMultibulkLength);
                         }
@@ -172,10 +172,10 @@ impl RequestParser {
                             if first != b'$' {
                                 return Err(RequestError::ExpectedDollar(first));
                             }
-                            let Some(line) = self.header_line(buf, limits, RequestError::TooBigBulkCount)? else {
+                            let Some(len) = self.header_line(buf, limits, RequestError::TooBigBulkCount)? else {
                                 return Ok(None);
                             };
-                            let len = parse_i64(&line).ok_or(RequestError::InvalidBulkLength)?;
+                            let len = len.ok_or(RequestError::InvalidBulkLength)?;
                             if len < 0 || len as u64 > limits.max_bulk_bytes as u64 {
                                 return Err(RequestError::InvalidBulkLength);
                             }
@@ -202,40 +202,38 @@ impl RequestParser {
         }
     }
 
-    /// Reads a `*N` or `$N` header line, returning the digits. Like Redis it looks for `\r`,
-    /// requires one more byte after it, and skips both.
+    /// Reads a `*N` or `$N` header line and parses its number (`Some(None)`: not a number).
+    /// Like Redis it looks for `\r`, requires one more byte after it, and skips both.
     fn header_line(
         &self,
         buf: &mut BytesMut,
         limits: &RequestLimits,
         too_big: RequestError,
-    ) -> Result<Option<Bytes>, RequestError> {
+    ) -> Result<Option<Option<i64>>, RequestError> {
         let Some(cr) = memchr::memchr(b'\r', buf) else {
             if buf.len() > limits.max_inline_bytes {
                 return Err(too_big);
             }
             return Ok(None);
         };
-        if cr > limits.max_inline_bytes {
-            return Err(too_big);
-        }
         if cr + 2 > buf.len() {
             return Ok(None);
         }
-        let line = buf.split_to(cr + 2).freeze();
-        Ok(Some(line.slice(1..cr)))
+        let n = parse_i64(&buf[1..cr]);
+        buf.advance(cr + 2);
+        Ok(Some(n))
     }
 
     fn inline(&self, buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec<Bytes>>, RequestError> {
-        let Some(nl) = memchr::memchr(b'\n', buf) else {
+        // Redis finds the end of an inline line with strchr(), which stops at a NUL byte: a NUL
+        // before the newline hides it. The length limit applies only while no newline is found.
+        let searchable = memchr::memchr(0, buf).unwrap_or(buf.len());
+        let Some(nl) = memchr::memchr(b'\n', &buf[..searchable]) else {
             if buf.len() > limits.max_inline_bytes {
                 return Err(RequestError::TooBigInline);
             }
             return Ok(None);
         };
-        if nl > limits.max_inline_bytes {
-            return Err(RequestError::TooBigInline);
-        }
         let line = buf.split_to(nl + 1);
         let mut end = nl;
         if end > 0 && line[end - 1] == b'\r' {
@@ -431,5 +429,8 @@ mod tests {
         assert_eq!(RequestParser::new().next(&mut buf, &limits), Err(RequestError::InvalidMultibulkLength));
         let mut buf = BytesMut::from(&[b'a'; 17][..]);
         assert_eq!(RequestParser::new().next(&mut buf, &limits), Err(RequestError::TooBigInline));
+        // A NUL hides the newline from Redis's strchr(): the line never ends.
+        let mut buf = BytesMut::from(&b"PING\0x\r\n"[..]);
+        assert_eq!(RequestParser::new().next(&mut buf, &limits), Ok(None));
     }
 }

@@ -111,36 +111,42 @@ pub struct Endpoint {
 }
 
 /// Reply bytes delivered to a session but not yet written to its client. Exceeding the cap
-/// disconnects the client, as Redis's client-output-buffer-limit does.
+/// disconnects the client, as Redis's client-output-buffer-limit does, and from then on replies
+/// for it are dropped on arrival, so the cap is a hard bound on what one client can pin.
 #[derive(Debug)]
 pub struct ReplyBudget {
     pending: AtomicUsize,
     cap: usize,
+    over: AtomicBool,
     kill: CancellationToken,
 }
 
 impl ReplyBudget {
     /// A budget of `cap` bytes; exceeding it cancels `kill`.
     pub fn new(cap: usize, kill: CancellationToken) -> Self {
-        Self { pending: AtomicUsize::new(0), cap, kill }
+        Self { pending: AtomicUsize::new(0), cap, over: AtomicBool::new(false), kill }
     }
 
-    /// Adds `n` arrived bytes.
-    pub fn charge(&self, n: usize) {
+    /// Adds `n` arrived bytes. False when the session is over its cap: drop the reply.
+    pub fn charge(&self, n: usize) -> bool {
+        if self.over.load(Ordering::Relaxed) {
+            return false;
+        }
         let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
         if now > self.cap {
+            if !self.over.swap(true, Ordering::Relaxed) {
+                Metrics::get().protocol_error("output_buffer");
+                tracing::debug!(pending = now, cap = self.cap, "Client output buffer limit exceeded; closing.");
+            }
             self.kill.cancel();
+            return false;
         }
+        true
     }
 
     /// Removes `n` bytes handed to the client socket.
     pub fn release(&self, n: usize) {
         self.pending.fetch_sub(n.min(self.pending.load(Ordering::Relaxed)), Ordering::Relaxed);
-    }
-
-    /// True when the cap was exceeded.
-    pub fn exceeded(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) > self.cap
     }
 }
 

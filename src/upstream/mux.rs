@@ -119,6 +119,9 @@ async fn write_loop(
                 None => break,
             },
         };
+        // Let the sessions that are ready right now queue their commands too, so that many
+        // clients' commands leave in one write (and Redis reads them in one read).
+        tokio::task::yield_now().await;
         let mut batches = vec![first];
         let mut size = batches[0].payload.len();
         while size < MAX_WRITE {
@@ -210,10 +213,9 @@ async fn read_loop(
                     tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
                     break UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength);
                 };
-                if let Some(budget) = &waiter.budget {
-                    budget.charge(frame.len());
+                if waiter.budget.as_ref().is_none_or(|b| b.charge(frame.len())) {
+                    let _ = waiter.tx.send(Ok(frame));
                 }
-                let _ = waiter.tx.send(Ok(frame));
             }
             Err(e) => {
                 if let UpstreamError::Protocol(_) = e {

@@ -54,8 +54,11 @@ impl Pinned {
             loop {
                 let frame = reader.next(&mut rd).await;
                 let end = frame.is_err();
-                if let Ok(f) = &frame {
-                    budget.charge(f.len());
+                if let Ok(f) = &frame
+                    && !budget.charge(f.len())
+                {
+                    // Over the client's output cap: it is being disconnected.
+                    break;
                 }
                 if tx.send(frame).await.is_err() || end {
                     break;
