@@ -903,7 +903,8 @@ struct Writer {
     wr: OwnedWriteHalf,
     out: BytesMut,
     budget: Arc<ReplyBudget>,
-    kill: CancellationToken,
+    /// Completes when the session is killed; built once (it is polled at every wait).
+    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     pinned: Option<mpsc::Receiver<PinnedFrame>>,
     view: PubSubView,
     ctx: Arc<Context>,
@@ -921,8 +922,9 @@ async fn write_loop(
     ctx: Arc<Context>,
     awaiting: Arc<AtomicUsize>,
 ) {
+    let killed = Box::pin(kill.cancelled_owned());
     let mut w =
-        Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx, awaiting };
+        Writer { wr, out: BytesMut::new(), budget, killed, pinned: None, view: PubSubView::default(), ctx, awaiting };
     let _ = w.run(&mut slots).await;
     let _ = w.flush().await;
     let _ = w.wr.shutdown().await;
@@ -938,7 +940,7 @@ impl Writer {
                     self.flush().await?;
                     tokio::select! {
                         biased;
-                        _ = self.kill.cancelled() => return Err(Closed),
+                        _ = &mut self.killed => return Err(Closed),
                         slot = slots.recv() => match slot {
                             Some(slot) => slot,
                             None => return Ok(()),
@@ -963,7 +965,7 @@ impl Writer {
                         Err(oneshot::error::TryRecvError::Empty) => {
                             self.flush().await?;
                             tokio::select! {
-                                _ = self.kill.cancelled() => return Err(Closed),
+                                _ = &mut self.killed => return Err(Closed),
                                 r = rx => r.unwrap_or(Err(UpstreamError::Lost)),
                             }
                         }
@@ -986,7 +988,7 @@ impl Writer {
                             _ => {
                                 self.flush().await?;
                                 tokio::select! {
-                                    _ = self.kill.cancelled() => return Err(Closed),
+                                    _ = &mut self.killed => return Err(Closed),
                                     f = recv_pinned(&mut self.pinned) => f,
                                 }
                             }
@@ -1062,7 +1064,7 @@ impl Writer {
         }
         let result = tokio::select! {
             r = self.wr.write_all(&self.out) => r,
-            _ = self.kill.cancelled() => return Err(Closed),
+            _ = &mut self.killed => return Err(Closed),
         };
         result.map_err(|_| Closed)?;
         if self.out.capacity() > FLUSH_AT * 4 {

@@ -10,6 +10,7 @@
 //! pool opens a fresh connection: a late reply can never be handed to the wrong command.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,7 +57,8 @@ struct InFlight {
 #[derive(Clone, Debug)]
 pub struct MuxHandle {
     tx: mpsc::Sender<Batch>,
-    dead: CancellationToken,
+    /// Set when the connection fails; an atomic load, checked on every command.
+    alive: Arc<AtomicBool>,
 }
 
 /// Batches queued per connection before senders wait.
@@ -71,17 +73,18 @@ impl MuxHandle {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(QUEUE);
         let dead = CancellationToken::new();
+        let alive = Arc::new(AtomicBool::new(true));
         let inflight =
             Arc::new(Mutex::new(InFlight { waiters: VecDeque::new(), closed: false, progress: Instant::now() }));
         Metrics::get().upstream_connections.increment(1.0);
         tokio::spawn(write_loop(wr, rx, inflight.clone(), dead.clone()));
-        tokio::spawn(read_loop(rd, reader, inflight, dead.clone(), timeout));
-        MuxHandle { tx, dead }
+        tokio::spawn(read_loop(rd, reader, inflight, dead, alive.clone(), timeout));
+        MuxHandle { tx, alive }
     }
 
     /// False once the connection has failed.
     pub fn is_alive(&self) -> bool {
-        !self.dead.is_cancelled() && !self.tx.is_closed()
+        self.alive.load(Ordering::Relaxed) && !self.tx.is_closed()
     }
 
     /// True when both handles drive the same connection.
@@ -111,9 +114,11 @@ async fn write_loop(
     dead: CancellationToken,
 ) {
     let mut out = BytesMut::new();
+    let stopped = dead.cancelled();
+    tokio::pin!(stopped);
     loop {
         let first = tokio::select! {
-            _ = dead.cancelled() => break,
+            _ = &mut stopped => break,
             b = rx.recv() => match b {
                 Some(b) => b,
                 None => break,
@@ -153,13 +158,13 @@ async fn write_loop(
         }
         let result = if batches.len() == 1 {
             let payload = std::mem::take(&mut batches[0].payload);
-            tokio::select! { r = wr.write_all(&payload) => r, _ = dead.cancelled() => break }
+            tokio::select! { r = wr.write_all(&payload) => r, _ = &mut stopped => break }
         } else {
             out.clear();
             for b in &batches {
                 out.extend_from_slice(&b.payload);
             }
-            tokio::select! { r = wr.write_all(&out) => r, _ = dead.cancelled() => break }
+            tokio::select! { r = wr.write_all(&out) => r, _ = &mut stopped => break }
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "Upstream write failed; dropping the connection.");
@@ -181,8 +186,11 @@ async fn read_loop(
     mut reader: FrameReader,
     inflight: Arc<Mutex<InFlight>>,
     dead: CancellationToken,
+    alive: Arc<AtomicBool>,
     timeout: Duration,
 ) {
+    let stopped = dead.cancelled();
+    tokio::pin!(stopped);
     // The stall check runs a few times per timeout; with no timeout it never fires.
     let period =
         if timeout.is_zero() { Duration::from_secs(3600) } else { (timeout / 4).max(Duration::from_millis(5)) };
@@ -190,7 +198,7 @@ async fn read_loop(
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let err = loop {
         let frame = tokio::select! {
-            _ = dead.cancelled() => break UpstreamError::Lost,
+            _ = &mut stopped => break UpstreamError::Lost,
             // `next` keeps its state in `reader`, so interrupting it loses no bytes.
             f = reader.next(&mut rd) => f,
             _ = stall_check.tick() => {
@@ -226,6 +234,7 @@ async fn read_loop(
             }
         }
     };
+    alive.store(false, Ordering::Relaxed);
     dead.cancel();
     Metrics::get().upstream_connections.decrement(1.0);
     let waiters = {
