@@ -64,7 +64,11 @@ impl ReplyScanner {
             let Some(&kind) = buf.get(start) else { return self.incomplete(buf, limits) };
             let Some(rel) = memchr::memchr(b'\n', &buf[start..]) else { return self.incomplete(buf, limits) };
             let nl = start + rel;
-            if nl == start || buf[nl - 1] != b'\r' {
+            // A header is a type byte, then its text, then `\r\n`: at least two bytes before `\n`.
+            if nl < start + 2 {
+                return Err(ReplyError::InvalidType(kind));
+            }
+            if buf[nl - 1] != b'\r' {
                 return Err(ReplyError::InvalidLength);
             }
             let header = &buf[start + 1..nl - 1];
@@ -116,6 +120,10 @@ impl ReplyScanner {
                     None => {
                         let n = self.pos;
                         self.pos = 0;
+                        // The same bound whether the reply arrived whole or in pieces.
+                        if n > limits.max_reply_bytes {
+                            return Err(ReplyError::TooLarge(limits.max_reply_bytes));
+                        }
                         return Ok(Some(n));
                     }
                     Some(left) => {
@@ -234,6 +242,27 @@ mod tests {
         assert_eq!(scan_whole(b"|1\r\n+k\r\n+v\r\n:1\r\n"), Ok(Some(16)));
         assert_eq!(scan_whole(b"*2\r\n$1\r\na\r\n"), Ok(None));
         assert_eq!(scan_whole(b"?x\r\n"), Err(ReplyError::InvalidType(b'?')));
+        // Found by fuzzing: an element that is only a line break used to panic.
+        assert_eq!(scan_whole(b"\r\n"), Err(ReplyError::InvalidType(b'\r')));
+        assert_eq!(scan_whole(b"*1\r\n\r\n"), Err(ReplyError::InvalidType(b'\r')));
+    }
+
+    #[test]
+    fn size_limit_does_not_depend_on_how_bytes_arrive() {
+        let limits = ReplyLimits { max_depth: 8, max_reply_bytes: 100 };
+        let mut reply = b"+".to_vec();
+        reply.extend([b'a'; 150]);
+        reply.extend(b"\r\n");
+        assert_eq!(ReplyScanner::new().scan(&reply, &limits), Err(ReplyError::TooLarge(100)));
+        let mut s = ReplyScanner::new();
+        let mut result = Ok(None);
+        for n in (12..=reply.len()).step_by(12).chain([reply.len()]) {
+            result = s.scan(&reply[..n], &limits);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ReplyError::TooLarge(100)));
     }
 
     #[test]
