@@ -25,6 +25,10 @@
 
 #![no_main]
 
+#[path = "chunks.rs"]
+mod chunks;
+
+use chunks::Chunks;
 use libfuzzer_sys::fuzz_target;
 use redis_protocol::resp2::decode as resp2;
 use redis_protocol::resp2::types::OwnedFrame as Frame2;
@@ -34,43 +38,6 @@ use sidecache::protocol::reply::{ReplyError, ReplyLimits, ReplyScanner, head, is
 /// Inputs are at most 64 KiB (`-max_len=65536`), so with this limit `TooLarge` comes only from a
 /// bulk length header; a second pass below uses a limit smaller than the input.
 const LIMITS: ReplyLimits = ReplyLimits { max_depth: 64, max_reply_bytes: 1 << 20 };
-
-const MAX_CHUNKS: usize = 256;
-
-/// Chunk sizes derived from one control byte: bits 0..=5 give `max` (1..=64), bit 6 scales it by
-/// 64, bit 7 makes every chunk exactly `max` bytes (otherwise xorshift-random in `1..=max`). At
-/// most `MAX_CHUNKS` chunks, so one execution stays cheap on large inputs (an incomplete line is
-/// re-searched from its start on each call).
-struct Chunks {
-    max: usize,
-    fixed: bool,
-    state: u64,
-    floor: usize,
-}
-
-impl Chunks {
-    fn new(control: u8, len: usize) -> Self {
-        let mut max = 1 + usize::from(control & 0x3f);
-        if control & 0x40 != 0 {
-            max *= 64;
-        }
-        let floor = len.div_ceil(MAX_CHUNKS).max(1);
-        let state = (u64::from(control) << 32 | len as u64) ^ 0x9e37_79b9_7f4a_7c15;
-        Self { max, fixed: control & 0x80 != 0, state: state | 1, floor }
-    }
-
-    fn next_size(&mut self) -> usize {
-        let size = if self.fixed {
-            self.max
-        } else {
-            self.state ^= self.state << 13;
-            self.state ^= self.state >> 7;
-            self.state ^= self.state << 17;
-            1 + (self.state % self.max as u64) as usize
-        };
-        size.max(self.floor)
-    }
-}
 
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
