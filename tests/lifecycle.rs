@@ -131,9 +131,8 @@ async fn sigterm_lets_the_inflight_pipeline_finish_and_exits_zero() {
     let mut c = Client::connect(&proc.addr.to_string()).await;
     // A blocking command in flight (answered by its timeout) plus a pipeline behind it.
     let mut pipeline = encode(&[b"BLPOP", b"nothing", b"1"]);
-    for i in 0..1000 {
+    for _ in 0..1000 {
         pipeline.extend(encode(&[b"INCR", b"n"]));
-        let _ = i;
     }
     c.send_raw(&pipeline).await;
     let addr = redis.addr();
