@@ -395,7 +395,8 @@ pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
     resolve(addr)
 }
 
-fn redact_url(url: &str) -> String {
+/// The URL with its password replaced by `***` (for logs and `--print-config`).
+pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));

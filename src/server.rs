@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, resolve_addr};
+use crate::config::{Config, redact_url, resolve_addr};
 use crate::metrics::Metrics;
 use crate::protocol::RequestLimits;
 use crate::protocol::reply::ReplyLimits;
@@ -168,7 +168,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_clients));
         let ids = AtomicU64::new(1);
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %redact(&config.upstream.url), "Accepting clients.");
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %redact_url(&config.upstream.url), "Accepting clients.");
         let mut accept_errors = 0u32;
         loop {
             let accepted = tokio::select! {
@@ -213,15 +213,5 @@ impl Server {
             tracing::warn!(clients = tracker.len(), "Grace period over; closing remaining clients.");
         }
         background.cancel();
-    }
-}
-
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
     }
 }
