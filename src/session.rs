@@ -756,9 +756,12 @@ impl Reader {
             self.state_change_pinned(cmd, meta).await
         } else {
             self.state.name = if name.is_empty() { None } else { Some(name) };
-            // An idle dedicated connection now has a stale name: reopen it when needed.
-            self.barrier().await?;
-            self.drop_pinned().await?;
+            // An idle dedicated connection now has a stale name: reopen it when needed. Without
+            // one there is nothing to wait for, so a pipeline is not stalled.
+            if self.pinned.is_some() {
+                self.barrier().await?;
+                self.drop_pinned().await?;
+            }
             self.local(encode::simple("OK"), meta).await
         }
     }
