@@ -64,6 +64,10 @@ enum Slot {
     Local(Bytes, Option<Meta>),
     /// A reply coming from a multiplexed connection.
     Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Meta),
+    /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
+    /// future yields the bytes to write and how many budget bytes they were charged.
+    #[allow(dead_code)]
+    Later(Later, Meta),
     /// `count` frames coming from the dedicated connection; the first `skip` are sidecache's
     /// own and not shown; the first shown one is also sent to `report`.
     Pinned { count: usize, skip: usize, meta: Option<Meta>, report: Option<oneshot::Sender<Bytes>>, monitor: bool },
@@ -76,6 +80,10 @@ enum Slot {
     /// Write everything before this, then close the connection.
     Close,
 }
+
+/// A reply computed by a feature module: resolves to the reply bytes and the number of bytes
+/// charged to the session's output budget for it (released once written).
+pub type Later = std::pin::Pin<Box<dyn std::future::Future<Output = (Bytes, usize)> + Send>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReplyMode {
@@ -333,7 +341,7 @@ impl Reader {
 
     /// Pushes a slot; before waiting for room, sends what is queued so the writer can progress.
     async fn push(&mut self, slot: Slot) -> Result<(), Stop> {
-        if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. }) {
+        if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..)) {
             self.awaiting.fetch_add(1, Ordering::Relaxed);
         }
         match self.slots.try_send(slot) {
@@ -409,10 +417,22 @@ impl Reader {
 
     /// Queues a command on the session's multiplexed connection.
     async fn send_pooled(&mut self, args: &[Bytes], meta: Meta) -> Result<(), Stop> {
+        match self.queue_pooled(args).await? {
+            Ok(rx) => self.push(Slot::Upstream(rx, meta)).await,
+            Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+        }
+    }
+
+    /// Queues a command on the multiplexed connection without a reply slot: the caller decides
+    /// what reaches the client (see `later`). Its reply is charged to the session's budget.
+    async fn queue_pooled(
+        &mut self,
+        args: &[Bytes],
+    ) -> Result<Result<oneshot::Receiver<crate::upstream::mux::Reply>, UpstreamError>, Stop> {
         self.switch(Target::Pool).await?;
         let handle = match self.pool_handle().await {
             Ok(h) => h,
-            Err(e) => return self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+            Err(e) => return Ok(Err(e)),
         };
         let (tx, rx) = oneshot::channel();
         match &mut self.batch {
@@ -429,7 +449,13 @@ impl Reader {
             }
         }
         self.sent_since_barrier = true;
-        self.push(Slot::Upstream(rx, meta)).await
+        Ok(Ok(rx))
+    }
+
+    /// A reply a feature module computes; placed in order like any other.
+    #[allow(dead_code)] // used by the near-cache, TTL and lock modules as they land
+    async fn later(&mut self, fut: Later, meta: Meta) -> Result<(), Stop> {
+        self.push(Slot::Later(fut, meta)).await
     }
 
     async fn pool_handle(&mut self) -> Result<MuxHandle, UpstreamError> {
@@ -635,6 +661,7 @@ impl Reader {
             Kind::Auth => self.auth(&cmd, meta).await?,
             Kind::Hello => self.hello(&cmd, meta).await?,
             Kind::ClientSetName => self.client_setname(&cmd, meta, pinned_mode).await?,
+            Kind::Own => self.own(&cmd, meta, pinned_mode).await?,
             Kind::ClientGetName if cmd.args.len() == 2 => {
                 let reply = match &self.state.name {
                     Some(name) => encode::bulk(name),
@@ -642,16 +669,29 @@ impl Reader {
                 };
                 self.local(reply, meta).await?;
             }
-            _ => {
-                if pinned_mode {
-                    let replies = self.expected_replies(1);
-                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
-                } else {
-                    self.send_pooled(&cmd.args, meta).await?;
-                }
-            }
+            _ => self.forward(&cmd, meta, pinned_mode).await?,
         }
         Ok(true)
+    }
+
+    /// sidecache's own commands, answered by the module that owns each. A name no module
+    /// answers yet goes to Redis, which answers it as the unknown command it is.
+    async fn own(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        #[allow(clippy::match_single_binding)]
+        match cmd.name() {
+            _ => self.forward(cmd, meta, pinned_mode).await,
+        }
+    }
+
+    /// Sends a command where the session's commands go now.
+    async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        if pinned_mode {
+            let replies = self.expected_replies(1);
+            self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+            Ok(())
+        } else {
+            self.send_pooled(&cmd.args, meta).await
+        }
     }
 
     async fn client_reply(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
@@ -983,6 +1023,25 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
+                Slot::Later(fut, meta) => {
+                    let (bytes, charged) = {
+                        let mut fut = fut;
+                        match futures_poll_once(&mut fut) {
+                            Some(r) => r,
+                            None => {
+                                self.flush().await?;
+                                tokio::select! {
+                                    _ = &mut self.killed => return Err(Closed),
+                                    r = fut => r,
+                                }
+                            }
+                        }
+                    };
+                    self.budget.release(charged);
+                    self.out.extend_from_slice(&bytes);
+                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
+                    self.record(Some(meta));
+                }
                 Slot::Pinned { count, skip, meta, mut report, monitor } => {
                     let mut seen = 0;
                     while seen < count {
@@ -1076,6 +1135,16 @@ impl Writer {
             self.out.clear();
         }
         Ok(())
+    }
+}
+
+/// Polls a future once without waiting: its result when it is already complete.
+fn futures_poll_once(fut: &mut Later) -> Option<(Bytes, usize)> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
     }
 }
 

@@ -67,6 +67,8 @@ pub enum Kind {
     Blocking,
     /// `WAIT` / `WAITAOF`: blocking, and about this client's earlier writes.
     Wait,
+    /// sidecache's own commands (`SIDECACHE …`, `LOCK.*`, `SERIAL.*`): never sent to Redis.
+    Own,
 }
 
 /// Command families: the closed label set of `sidecache_commands_total{family}`.
@@ -228,6 +230,9 @@ fn classify(name: &[u8], args: &[Bytes]) -> (Kind, Family) {
         b"SUNSUBSCRIBE" => (K::Unsubscribe(SubKind::Shard), F::PubSub),
         b"PUBLISH" | b"SPUBLISH" | b"PUBSUB" => (K::Plain, F::PubSub),
         b"MONITOR" => (K::Monitor, F::Server),
+        b"SIDECACHE" | b"LOCK.ACQUIRE" | b"LOCK.RELEASE" | b"LOCK.EXTEND" | b"LOCK.INFO" | b"SERIAL.NEXT" => {
+            (K::Own, F::Sidecache)
+        }
         b"WAIT" | b"WAITAOF" => (K::Wait, F::Server),
         b"BLPOP" | b"BRPOP" | b"BLMOVE" | b"BRPOPLPUSH" | b"BLMPOP" => (K::Blocking, F::List),
         b"BZPOPMIN" | b"BZPOPMAX" | b"BZMPOP" => (K::Blocking, F::SortedSet),
@@ -296,5 +301,7 @@ mod tests {
         assert_eq!(cmd(&["hset", "h", "f", "v"]).family, Family::Hash);
         assert_eq!(cmd(&["lpush", "l", "v"]).family, Family::List);
         assert_eq!(cmd(&["geoadd", "g", "1", "2", "m"]).family, Family::Geo);
+        assert_eq!(cmd(&["lock.acquire", "x", "100"]).kind, Kind::Own);
+        assert_eq!(cmd(&["Sidecache", "cache", "stats"]).family, Family::Sidecache);
     }
 }
