@@ -41,7 +41,13 @@ fn route(req: &Request<Incoming>, ctx: &Context, prom: &PrometheusHandle) -> Res
         "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", prom.render()),
         "/livez" => text(StatusCode::OK, PLAIN, "ok\n"),
         "/readyz" => {
-            if ctx.upstream.is_up() {
+            if let Some(cache) = ctx.cache.as_ref().filter(|c| ctx.upstream.is_up() && !c.is_up()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("near-cache coherence down: {}\n", cache.down_reason()),
+                )
+            } else if ctx.upstream.is_up() {
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else {
                 text(

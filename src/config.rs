@@ -50,6 +50,21 @@ pub const DEFAULT_FRAME_DEADLINE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_OUTPUT: u64 = 256 * 1024 * 1024;
 /// Default commands in flight per client before sidecache stops reading it.
 pub const DEFAULT_MAX_PIPELINE: usize = 1024;
+/// Default byte budget of the near-cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default largest cached reply.
+pub const DEFAULT_CACHE_VALUE_BYTES: u64 = 1024 * 1024;
+/// Default longest life of a cached entry.
+pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(300);
+/// Default interval of the coherence link's heartbeat.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+/// Default time without a heartbeat answer after which the cache is flushed and bypassed.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default channel of the `pubsub` coherence mode.
+pub const DEFAULT_INVALIDATE_CHANNEL: &str = "sidecache:invalidate";
+/// Default longest life of an entry in `pubsub` mode, where writes that bypass sidecache are
+/// not seen.
+pub const DEFAULT_PUBSUB_MAX_TTL: Duration = Duration::from_secs(1);
 /// Commands denied by default.
 pub const DEFAULT_DENY: [&str; 3] = ["DEBUG", "SHUTDOWN", "MONITOR"];
 
@@ -86,8 +101,149 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Protective limits.
     pub limits: LimitsConfig,
+    /// The near-cache.
+    pub near_cache: NearCacheConfig,
     /// Commands refused by policy.
     pub security: SecurityConfig,
+}
+
+/// How the near-cache learns about writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CoherenceMode {
+    /// The strongest mode the server supports (`tracking`, else `pubsub`).
+    #[default]
+    Auto,
+    /// Redis server-assisted client-side caching, broadcast mode.
+    Tracking,
+    /// sidecache instances publish the keys they write; short entry lifetime.
+    Pubsub,
+    /// No coherence: the near-cache is not used.
+    Off,
+}
+
+impl CoherenceMode {
+    /// The name used in config, metrics and `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoherenceMode::Auto => "auto",
+            CoherenceMode::Tracking => "tracking",
+            CoherenceMode::Pubsub => "pubsub",
+            CoherenceMode::Off => "off",
+        }
+    }
+}
+
+/// `[near_cache]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NearCacheConfig {
+    /// Whether any read is answered from memory.
+    pub enabled: bool,
+    /// Memory budget of cached replies (keys, replies and bookkeeping).
+    #[serde(with = "size")]
+    pub max_bytes: u64,
+    /// Replies larger than this are not cached.
+    #[serde(with = "size")]
+    pub max_value_bytes: u64,
+    /// Longest life of an entry (a rule may lower it).
+    #[serde(with = "duration")]
+    pub max_ttl: Duration,
+    /// How invalidations arrive.
+    pub coherence: CoherenceMode,
+    /// Share of hits re-read from Redis to detect stale entries (0.0 to 1.0).
+    pub verify_sample_rate: f64,
+    /// Heartbeat interval of the invalidation link.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// A heartbeat unanswered this long takes the cache down (flushed and bypassed).
+    #[serde(with = "duration")]
+    pub heartbeat_timeout: Duration,
+    /// Channel of the `pubsub` mode.
+    pub pubsub_channel: String,
+    /// Longest life of an entry in `pubsub` mode.
+    #[serde(with = "duration")]
+    pub pubsub_max_ttl: Duration,
+    /// Which keys are cached.
+    pub rules: Vec<CacheRuleConfig>,
+}
+
+/// `[[near_cache.rules]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRuleConfig {
+    /// The metric label.
+    pub name: String,
+    /// Key prefix (`""` caches every key).
+    pub prefix: String,
+    /// Only this database, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<u32>,
+    /// Longest life of this rule's entries, if lower than the global one.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub max_ttl: Option<Duration>,
+}
+
+impl Default for NearCacheConfig {
+    fn default() -> Self {
+        NearCacheConfig {
+            enabled: true,
+            max_bytes: DEFAULT_CACHE_BYTES,
+            max_value_bytes: DEFAULT_CACHE_VALUE_BYTES,
+            max_ttl: DEFAULT_CACHE_MAX_TTL,
+            coherence: CoherenceMode::Auto,
+            verify_sample_rate: 0.0,
+            heartbeat: DEFAULT_HEARTBEAT,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            pubsub_channel: DEFAULT_INVALIDATE_CHANNEL.into(),
+            pubsub_max_ttl: DEFAULT_PUBSUB_MAX_TTL,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl NearCacheConfig {
+    /// True when some reads may be answered from memory.
+    pub fn active(&self) -> bool {
+        self.enabled && self.coherence != CoherenceMode::Off && !self.rules.is_empty()
+    }
+
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.max_bytes == 0 {
+            problems.push("near_cache.max_bytes: must be greater than 0".into());
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > self.max_bytes {
+            problems.push("near_cache.max_value_bytes: must be between 1 byte and near_cache.max_bytes".into());
+        }
+        if self.max_ttl.is_zero() {
+            problems.push("near_cache.max_ttl: must be greater than 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.verify_sample_rate) {
+            problems.push("near_cache.verify_sample_rate: must be between 0.0 and 1.0".into());
+        }
+        if self.heartbeat.is_zero() || self.heartbeat_timeout <= self.heartbeat {
+            problems.push("near_cache.heartbeat_timeout: must be longer than near_cache.heartbeat (> 0)".into());
+        }
+        if self.pubsub_channel.is_empty() {
+            problems.push("near_cache.pubsub_channel: must not be empty".into());
+        }
+        if self.pubsub_max_ttl.is_zero() {
+            problems.push("near_cache.pubsub_max_ttl: must be greater than 0".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = format!("near_cache.rules[{i}]");
+            if rule.name.is_empty() || !rule.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                problems.push(format!("{at}.name: {:?} must be a non-empty metric label ([A-Za-z0-9_-])", rule.name));
+            }
+            if !seen.insert((rule.prefix.clone(), rule.db)) {
+                problems.push(format!("{at}: another rule has the same prefix {:?} and db", rule.prefix));
+            }
+            if rule.max_ttl.is_some_and(|t| t.is_zero()) {
+                problems.push(format!("{at}.max_ttl: must be greater than 0"));
+            }
+        }
+    }
 }
 
 /// `[upstream]`.
@@ -164,6 +320,7 @@ impl Default for Config {
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
+            near_cache: NearCacheConfig::default(),
             security: SecurityConfig::default(),
         }
     }
@@ -229,7 +386,7 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 9] = [
+const ENV_KEYS: [(&str, &str); 10] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
@@ -239,6 +396,7 @@ const ENV_KEYS: [(&str, &str); 9] = [
     ("UPSTREAM__", "upstream."),
     ("LIMITS__", "limits."),
     ("SECURITY__", "security."),
+    ("NEAR_CACHE__", "near_cache."),
 ];
 
 /// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
@@ -357,6 +515,7 @@ impl Config {
                 problems.push(format!("security.deny: {name:?} is not a command name"));
             }
         }
+        self.near_cache.check(&mut problems);
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
         }
@@ -467,6 +626,27 @@ pub mod duration {
     pub fn parse(raw: &str) -> Result<Duration, String> {
         humantime::parse_duration(raw.trim())
             .map_err(|e| format!("{raw:?} is not a duration with a unit such as 500ms, 30s, 5m, 6h or 1d ({e})"))
+    }
+}
+
+/// Serde for optional durations (`max_ttl = "1h"` or absent).
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the duration like `duration` does.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads an optional duration string with a unit.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let raw = Option::<String>::deserialize(d)?;
+        raw.map(|r| super::duration::parse(&r).map_err(serde::de::Error::custom)).transpose()
     }
 }
 

@@ -20,6 +20,7 @@
 //! [`config`] loads and validates the configuration; `main.rs` is only CLI, config and signals.
 
 pub mod admin;
+pub mod cache;
 pub mod command;
 pub mod config;
 pub mod metrics;

@@ -34,6 +34,36 @@ pub const UPSTREAM_CONNECT_FAILURES: &str = "sidecache_upstream_connect_failures
 /// Malformed input, by kind.
 pub const PROTOCOL_ERRORS: &str = "sidecache_protocol_errors_total";
 
+/// Reads answered from the near-cache, by rule.
+pub const CACHE_HITS: &str = "sidecache_cache_hits_total";
+/// Cacheable reads that went to Redis, by rule.
+pub const CACHE_MISSES: &str = "sidecache_cache_misses_total";
+/// Entries removed, by rule and reason.
+pub const CACHE_EVICTIONS: &str = "sidecache_cache_evictions_total";
+/// Key invalidations received or made, by source.
+pub const CACHE_INVALIDATIONS: &str = "sidecache_cache_invalidations_total";
+/// Cached replies, by rule.
+pub const CACHE_ENTRIES: &str = "sidecache_cache_entries";
+/// Bytes held by cached replies, by rule.
+pub const CACHE_BYTES: &str = "sidecache_cache_bytes";
+/// Time from a probe write's acknowledgement to its invalidation arriving.
+pub const CACHE_INVALIDATION_LAG: &str = "sidecache_cache_invalidation_lag_seconds";
+/// Sampled hits that differed from Redis with no invalidation in sight.
+pub const CACHE_STALE_DETECTED: &str = "sidecache_cache_stale_detected_total";
+/// Replies not cached because they exceed `max_value_bytes`.
+pub const CACHE_TOO_BIG: &str = "sidecache_cache_skipped_too_big_total";
+/// 1 while the near-cache is coherent (and used), else 0.
+pub const COHERENCE_UP: &str = "sidecache_coherence_up";
+/// 1 for the coherence mode in use, by mode.
+pub const COHERENCE_MODE: &str = "sidecache_coherence_mode";
+
+/// The closed set of `reason` labels of `sidecache_cache_evictions_total`.
+pub const EVICTION_REASONS: [&str; 4] = ["capacity", "expired", "invalidated", "flushed"];
+/// The closed set of `source` labels of `sidecache_cache_invalidations_total`.
+pub const INVALIDATION_SOURCES: [&str; 4] = ["tracking", "pubsub", "local", "flush"];
+/// The closed set of `mode` labels of `sidecache_coherence_mode`.
+pub const COHERENCE_MODES: [&str; 2] = ["tracking", "pubsub"];
+
 /// The closed set of `kind` labels of `sidecache_protocol_errors_total`.
 pub const PROTOCOL_ERROR_KINDS: [&str; 9] = [
     "invalid_multibulk_length",
@@ -87,6 +117,99 @@ fn describe() {
     describe_gauge!(UPSTREAM_CONNECTIONS, "Open connections to the upstream Redis.");
     describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to the upstream Redis.");
     describe_counter!(PROTOCOL_ERRORS, "Malformed input from clients or Redis, by kind.");
+    describe_counter!(CACHE_HITS, "Reads answered from the near-cache, by rule.");
+    describe_counter!(CACHE_MISSES, "Cacheable reads that went to Redis, by rule.");
+    describe_counter!(
+        CACHE_EVICTIONS,
+        "Cached replies removed, by rule and reason (capacity, expired, invalidated, flushed)."
+    );
+    describe_counter!(CACHE_INVALIDATIONS, "Key invalidations, by source (tracking, pubsub, local, flush).");
+    describe_gauge!(CACHE_ENTRIES, "Cached replies, by rule.");
+    describe_gauge!(CACHE_BYTES, metrics::Unit::Bytes, "Bytes held by cached replies, by rule.");
+    describe_histogram!(
+        CACHE_INVALIDATION_LAG,
+        metrics::Unit::Seconds,
+        "Time from the heartbeat probe write's acknowledgement to its invalidation arriving."
+    );
+    describe_counter!(CACHE_STALE_DETECTED, "Sampled hits that differed from Redis without an invalidation.");
+    describe_counter!(CACHE_TOO_BIG, "Replies not cached because they exceed near_cache.max_value_bytes.");
+    describe_gauge!(COHERENCE_UP, "1 while the near-cache is coherent and used, else 0.");
+    describe_gauge!(COHERENCE_MODE, "1 for the coherence mode in use (tracking or pubsub).");
+}
+
+/// Handles of one near-cache rule.
+pub struct RuleMetrics {
+    /// `sidecache_cache_hits_total{rule}`.
+    pub hits: Counter,
+    /// `sidecache_cache_misses_total{rule}`.
+    pub misses: Counter,
+    /// `sidecache_cache_evictions_total{rule,reason}`, in `EVICTION_REASONS` order.
+    pub evictions: [Counter; 4],
+    /// `sidecache_cache_entries{rule}`.
+    pub entries: Gauge,
+    /// `sidecache_cache_bytes{rule}`.
+    pub bytes: Gauge,
+}
+
+impl RuleMetrics {
+    /// Handles for the rule named `rule`.
+    pub fn new(rule: &str) -> RuleMetrics {
+        Metrics::get();
+        let rule = rule.to_string();
+        let m = RuleMetrics {
+            hits: counter!(CACHE_HITS, "rule" => rule.clone()),
+            misses: counter!(CACHE_MISSES, "rule" => rule.clone()),
+            evictions: EVICTION_REASONS.map(|r| counter!(CACHE_EVICTIONS, "rule" => rule.clone(), "reason" => r)),
+            entries: gauge!(CACHE_ENTRIES, "rule" => rule.clone()),
+            bytes: gauge!(CACHE_BYTES, "rule" => rule),
+        };
+        for c in m.evictions.iter().chain([&m.hits, &m.misses]) {
+            c.increment(0);
+        }
+        m
+    }
+}
+
+/// Handles of the near-cache as a whole.
+pub struct CacheMetrics {
+    /// `sidecache_cache_invalidations_total{source}`, in `INVALIDATION_SOURCES` order.
+    pub invalidations: [Counter; 4],
+    /// `sidecache_cache_invalidation_lag_seconds`.
+    pub lag: Histogram,
+    /// `sidecache_cache_stale_detected_total`.
+    pub stale: Counter,
+    /// `sidecache_cache_skipped_too_big_total`.
+    pub too_big: Counter,
+    /// `sidecache_coherence_up`.
+    pub up: Gauge,
+    /// `sidecache_coherence_mode{mode}`, in `COHERENCE_MODES` order.
+    pub mode: [Gauge; 2],
+}
+
+impl CacheMetrics {
+    /// Resolves the handles.
+    pub fn new() -> CacheMetrics {
+        Metrics::get();
+        let m = CacheMetrics {
+            invalidations: INVALIDATION_SOURCES.map(|s| counter!(CACHE_INVALIDATIONS, "source" => s)),
+            lag: histogram!(CACHE_INVALIDATION_LAG),
+            stale: counter!(CACHE_STALE_DETECTED),
+            too_big: counter!(CACHE_TOO_BIG),
+            up: gauge!(COHERENCE_UP),
+            mode: COHERENCE_MODES.map(|m| gauge!(COHERENCE_MODE, "mode" => m)),
+        };
+        for c in m.invalidations.iter().chain([&m.stale, &m.too_big]) {
+            c.increment(0);
+        }
+        m.up.set(0.0);
+        m
+    }
+}
+
+impl Default for CacheMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Handles resolved once; cheap to use on every command.

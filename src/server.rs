@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::NearCache;
 use crate::config::{Config, redact_url, resolve_addr};
 use crate::metrics::Metrics;
 use crate::protocol::RequestLimits;
@@ -68,6 +69,8 @@ pub struct Context {
     pub policy: ArcSwap<Policy>,
     /// Metric handles.
     pub metrics: &'static Metrics,
+    /// The near-cache, when rules are configured and coherence is not off.
+    pub cache: Option<Arc<NearCache>>,
 }
 
 /// Errors while starting.
@@ -138,6 +141,7 @@ impl Server {
             upstream,
             policy: ArcSwap::from_pointee(Policy::from_config(&config)),
             metrics: Metrics::get(),
+            cache: config.near_cache.active().then(|| NearCache::new(&config.near_cache)),
         });
         Ok(Server { listener, admin, ctx, config })
     }
@@ -164,6 +168,9 @@ impl Server {
         let metrics_handle = crate::metrics::install();
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), metrics_handle, background.clone()));
         tokio::spawn(ctx.upstream.clone().health_loop(Duration::from_secs(1), background.clone()));
+        if let Some(cache) = &ctx.cache {
+            tokio::spawn(crate::cache::link::run(cache.clone(), ctx.upstream.clone(), background.clone()));
+        }
 
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_clients));

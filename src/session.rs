@@ -35,6 +35,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{Lookup, NearCache, Plan, Who, WriteGuard};
 use crate::command::{Command, Family, Kind, SubKind};
 use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
@@ -66,11 +67,19 @@ enum Slot {
     Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Meta),
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
-    #[allow(dead_code)]
     Later(Later, Meta),
     /// `count` frames coming from the dedicated connection; the first `skip` are sidecache's
     /// own and not shown; the first shown one is also sent to `report`.
-    Pinned { count: usize, skip: usize, meta: Option<Meta>, report: Option<oneshot::Sender<Bytes>>, monitor: bool },
+    /// `guard` marks keys written by the command; it is released once the reply is in, before
+    /// the client sees it.
+    Pinned {
+        count: usize,
+        skip: usize,
+        meta: Option<Meta>,
+        report: Option<oneshot::Sender<Bytes>>,
+        monitor: bool,
+        guard: Option<WriteGuard>,
+    },
     /// From now on, frames of this dedicated connection arrive here.
     Attach(mpsc::Receiver<PinnedFrame>),
     /// The dedicated connection is being closed on purpose (its end is not a failure).
@@ -198,6 +207,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         target: Target::Nowhere,
         sent_since_barrier: false,
         pool: None,
+        pending_guard: None,
+        multi_guard: None,
     };
     let stop = session.run(rd, &kill, &shutdown).await;
     match stop {
@@ -237,6 +248,10 @@ struct Reader {
     sent_since_barrier: bool,
     /// The session's pool connection for its current key.
     pool: Option<(PoolKey, MuxHandle)>,
+    /// Keys written by the next command sent on the dedicated connection.
+    pending_guard: Option<WriteGuard>,
+    /// Keys written by the commands queued in the current transaction.
+    multi_guard: Option<WriteGuard>,
 }
 
 impl Reader {
@@ -453,7 +468,6 @@ impl Reader {
     }
 
     /// A reply a feature module computes; placed in order like any other.
-    #[allow(dead_code)] // used by the near-cache, TTL and lock modules as they land
     async fn later(&mut self, fut: Later, meta: Meta) -> Result<(), Stop> {
         self.push(Slot::Later(fut, meta)).await
     }
@@ -522,7 +536,8 @@ impl Reader {
         self.sent_since_barrier = true;
         let count = hidden.len() + replies;
         let monitor = self.state.monitor;
-        self.push(Slot::Pinned { count, skip: hidden.len(), meta: Some(meta), report, monitor }).await?;
+        let guard = self.pending_guard.take();
+        self.push(Slot::Pinned { count, skip: hidden.len(), meta: Some(meta), report, monitor, guard }).await?;
         Ok(true)
     }
 
@@ -579,6 +594,7 @@ impl Reader {
                 }
             }
             Kind::Exec | Kind::Discard if self.state.in_multi => {
+                self.pending_guard = self.multi_guard.take();
                 let dirty = self.state.multi_dirty && cmd.kind == Kind::Exec;
                 self.state.in_multi = false;
                 self.state.multi_dirty = false;
@@ -645,6 +661,7 @@ impl Reader {
             }
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
             Kind::Blocking if !self.state.in_multi => {
+                self.pending_guard = self.ctx.cache.as_ref().and_then(|c| c.begin_write(&cmd));
                 let replies = self.expected_replies(1);
                 self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
             }
@@ -669,7 +686,10 @@ impl Reader {
                 };
                 self.local(reply, meta).await?;
             }
-            _ => self.forward(&cmd, meta, pinned_mode).await?,
+            _ => match self.ctx.cache.clone() {
+                Some(cache) => self.through_cache(&cache, &cmd, meta, pinned_mode).await?,
+                None => self.forward(&cmd, meta, pinned_mode).await?,
+            },
         }
         Ok(true)
     }
@@ -677,10 +697,280 @@ impl Reader {
     /// sidecache's own commands, answered by the module that owns each. A name no module
     /// answers yet goes to Redis, which answers it as the unknown command it is.
     async fn own(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
-        #[allow(clippy::match_single_binding)]
         match cmd.name() {
+            b"SIDECACHE" => {
+                let reply = crate::cache::command::run(self.ctx.cache.as_deref(), &self.who(), cmd);
+                self.local(reply, meta).await
+            }
             _ => self.forward(cmd, meta, pinned_mode).await,
         }
+    }
+
+    /// The identity the near-cache partitions by.
+    fn who(&self) -> Who {
+        let user = match &self.state.creds {
+            None => Bytes::new(),
+            Some(c) => c.user.clone().unwrap_or(Bytes::from_static(b"default")),
+        };
+        Who { user, db: self.state.db, proto: self.state.proto }
+    }
+
+    /// A plain command while the near-cache is configured: cached reads are answered from
+    /// memory or filled; writes invalidate their keys before and after they run.
+    async fn through_cache(
+        &mut self,
+        cache: &Arc<NearCache>,
+        cmd: &Command,
+        meta: Meta,
+        pinned_mode: bool,
+    ) -> Result<(), Stop> {
+        if pinned_mode {
+            // Never from memory here (transactions, watches, the client's own tracking…).
+            if let Some(guard) = cache.begin_write(cmd) {
+                if self.state.in_multi {
+                    // The write runs at EXEC: its keys stay marked until EXEC's reply.
+                    match &mut self.multi_guard {
+                        Some(g) => g.merge(guard),
+                        None => self.multi_guard = Some(guard),
+                    }
+                } else {
+                    self.pending_guard = Some(guard);
+                }
+            }
+            return self.forward(cmd, meta, true).await;
+        }
+        match crate::cache::reads::plan(cmd) {
+            Some(Plan::Single(read)) => self.cached_read(cache, cmd, read, meta).await,
+            Some(Plan::Mget(keys)) => self.cached_mget(cache, cmd, keys, meta).await,
+            None => match cache.begin_write(cmd) {
+                None => self.forward(cmd, meta, false).await,
+                Some(guard) => match self.queue_pooled(&cmd.args).await? {
+                    Err(e) => self.local(e.to_reply(), meta).await,
+                    Ok(rx) => {
+                        self.later(
+                            Box::pin(async move {
+                                let reply = rx.await;
+                                // The write has run: its keys are invalidated again before
+                                // the client can see the reply (read-your-writes).
+                                drop(guard);
+                                match reply {
+                                    Ok(Ok(bytes)) => {
+                                        let n = bytes.len();
+                                        (bytes, n)
+                                    }
+                                    Ok(Err(e)) => (e.to_reply(), 0),
+                                    Err(_) => (UpstreamError::Lost.to_reply(), 0),
+                                }
+                            }),
+                            meta,
+                        )
+                        .await
+                    }
+                },
+            },
+        }
+    }
+
+    /// Sends a read and `PTTL` of its key for a fill; the fill completes in its own task, so
+    /// readers who joined it get their reply even if this client goes away.
+    async fn send_fill(
+        &mut self,
+        args: &[Bytes],
+        fills: Vec<crate::cache::Fill>,
+        finish: impl FnOnce(&Bytes, Vec<crate::cache::Fill>, Vec<Option<Bytes>>) -> Bytes + Send + 'static,
+    ) -> Result<Result<oneshot::Receiver<(Bytes, usize)>, UpstreamError>, Stop> {
+        let read = match self.queue_pooled(args).await? {
+            Ok(rx) => rx,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut ttls = Vec::with_capacity(fills.len());
+        for f in &fills {
+            let pttl = [Bytes::from_static(b"PTTL"), f.key().clone()];
+            ttls.push(self.queue_pooled(&pttl).await?.ok());
+        }
+        let budget = self.budget.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (bytes, charged) = match read.await {
+                Ok(Ok(b)) => {
+                    let n = b.len();
+                    (b, n)
+                }
+                Ok(Err(e)) => (e.to_reply(), 0),
+                Err(_) => (UpstreamError::Lost.to_reply(), 0),
+            };
+            let mut pttls = Vec::with_capacity(ttls.len());
+            for t in ttls {
+                let t = match t {
+                    Some(rx) => rx.await.ok().and_then(Result::ok),
+                    None => None,
+                };
+                if let Some(t) = &t {
+                    budget.release(t.len());
+                }
+                pttls.push(t);
+            }
+            let reply = finish(&bytes, fills, pttls);
+            let _ = tx.send((reply, charged));
+        });
+        Ok(Ok(rx))
+    }
+
+    async fn cached_read(
+        &mut self,
+        cache: &Arc<NearCache>,
+        cmd: &Command,
+        read: crate::cache::Read,
+        meta: Meta,
+    ) -> Result<(), Stop> {
+        match cache.lookup(&self.who(), &read) {
+            Lookup::Skip => self.forward(cmd, meta, false).await,
+            Lookup::Hit(bytes) => {
+                if cache.sample_verify() {
+                    self.verify(cache, cmd, read.key, bytes.clone()).await?;
+                }
+                self.local(bytes, meta).await
+            }
+            Lookup::Join(rx) => self.later(Box::pin(async move { (joined(rx.await), 0) }), meta).await,
+            Lookup::Lead(fill) => {
+                let finish = |reply: &Bytes, fills: Vec<crate::cache::Fill>, pttls: Vec<Option<Bytes>>| {
+                    for (fill, pttl) in fills.into_iter().zip(pttls) {
+                        fill.complete(reply, pttl.as_ref());
+                    }
+                    reply.clone()
+                };
+                match self.send_fill(&cmd.args, vec![fill], finish).await? {
+                    Err(e) => self.local(e.to_reply(), meta).await,
+                    Ok(rx) => {
+                        let fut = async move { rx.await.unwrap_or_else(|_| (UpstreamError::Lost.to_reply(), 0)) };
+                        self.later(Box::pin(fut), meta).await
+                    }
+                }
+            }
+        }
+    }
+
+    async fn cached_mget(
+        &mut self,
+        cache: &Arc<NearCache>,
+        cmd: &Command,
+        keys: Vec<Bytes>,
+        meta: Meta,
+    ) -> Result<(), Stop> {
+        enum Part {
+            Ready(Bytes),
+            Join(oneshot::Receiver<Bytes>),
+            Fetched(usize),
+        }
+        let who = self.who();
+        let mut parts = Vec::with_capacity(keys.len());
+        let mut fetch: Vec<Bytes> = vec![Bytes::from_static(b"MGET")];
+        let mut leads = Vec::new();
+        let mut lead_pos = Vec::new();
+        let mut cached_any = false;
+        for key in keys {
+            let read = crate::cache::Read {
+                key: key.clone(),
+                view: crate::cache::reads::get_view(),
+                shape: crate::cache::Shape::Scalar,
+            };
+            match cache.lookup(&who, &read) {
+                Lookup::Hit(b) => {
+                    cached_any = true;
+                    parts.push(Part::Ready(b));
+                }
+                Lookup::Join(rx) => {
+                    cached_any = true;
+                    parts.push(Part::Join(rx));
+                }
+                Lookup::Lead(fill) => {
+                    cached_any = true;
+                    lead_pos.push(fetch.len() - 1);
+                    leads.push(fill);
+                    parts.push(Part::Fetched(fetch.len() - 1));
+                    fetch.push(key);
+                }
+                Lookup::Skip => {
+                    parts.push(Part::Fetched(fetch.len() - 1));
+                    fetch.push(key);
+                }
+            }
+        }
+        if !cached_any {
+            return self.forward(cmd, meta, false).await;
+        }
+        let proto = self.state.proto;
+        let fetched = if fetch.len() > 1 {
+            let n = fetch.len() - 1;
+            let finish = move |reply: &Bytes, fills: Vec<crate::cache::Fill>, pttls: Vec<Option<Bytes>>| {
+                let split = crate::cache::reads::split_mget(reply, n, proto);
+                for ((fill, pttl), pos) in fills.into_iter().zip(pttls).zip(lead_pos) {
+                    match &split {
+                        Some(items) => fill.complete(&items[pos], pttl.as_ref()),
+                        None => fill.complete(reply, None),
+                    }
+                }
+                reply.clone()
+            };
+            match self.send_fill(&fetch, leads, finish).await? {
+                Err(e) => return self.local(e.to_reply(), meta).await,
+                Ok(rx) => Some((rx, n)),
+            }
+        } else {
+            None
+        };
+        let fut = async move {
+            let mut charged = 0;
+            let mut items = None;
+            if let Some((rx, n)) = fetched {
+                let (reply, c) = rx.await.unwrap_or_else(|_| (UpstreamError::Lost.to_reply(), 0));
+                charged = c;
+                match crate::cache::reads::split_mget(&reply, n, proto) {
+                    Some(split) => items = Some(split),
+                    // An error (or an unexpected reply) answers the whole command.
+                    None => return (reply, charged),
+                }
+            }
+            let mut out = Vec::with_capacity(parts.len());
+            for part in parts {
+                out.push(match part {
+                    Part::Ready(b) => b,
+                    Part::Join(rx) => {
+                        let b = joined(rx.await);
+                        if crate::protocol::reply::is_error(&b) {
+                            return (b, charged);
+                        }
+                        b
+                    }
+                    Part::Fetched(i) => items.as_ref().map_or_else(Bytes::new, |v| v[i].clone()),
+                });
+            }
+            (crate::cache::reads::join_mget(&out), charged)
+        };
+        self.later(Box::pin(fut), meta).await
+    }
+
+    /// Shadow verify: re-reads a hit from Redis and counts a difference that no invalidation
+    /// explains.
+    async fn verify(&mut self, cache: &Arc<NearCache>, cmd: &Command, key: Bytes, hit: Bytes) -> Result<(), Stop> {
+        let token = cache.token(&key);
+        let Ok(rx) = self.queue_pooled(&cmd.args).await? else { return Ok(()) };
+        let budget = self.budget.clone();
+        let cache = cache.clone();
+        let grace = cache.config.heartbeat;
+        tokio::spawn(async move {
+            if let Ok(Ok(reply)) = rx.await {
+                budget.release(reply.len());
+                if reply != hit {
+                    // A write that raced the re-read is invalidated within the link's lag.
+                    tokio::time::sleep(grace).await;
+                    if cache.token_valid(token) {
+                        cache.stale_detected(&key);
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Sends a command where the session's commands go now.
@@ -1042,7 +1332,7 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
-                Slot::Pinned { count, skip, meta, mut report, monitor } => {
+                Slot::Pinned { count, skip, meta, mut report, monitor, guard } => {
                     let mut seen = 0;
                     while seen < count {
                         let frame = match self.pinned.as_mut().map(|rx| rx.try_recv()) {
@@ -1080,6 +1370,7 @@ impl Writer {
                     if monitor {
                         self.view.monitor = true;
                     }
+                    drop(guard);
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(meta);
                 }
@@ -1136,6 +1427,11 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The reply a reader that joined another reader's fill gets.
+fn joined(r: Result<Bytes, oneshot::error::RecvError>) -> Bytes {
+    r.unwrap_or_else(|_| UpstreamError::Lost.to_reply())
 }
 
 /// Polls a future once without waiting: its result when it is already complete.

@@ -8,6 +8,7 @@
 pub mod encode;
 pub mod reply;
 pub mod request;
+pub mod value;
 
 pub use reply::{ReplyError, ReplyLimits, ReplyScanner};
 pub use request::{RequestError, RequestLimits, RequestParser};

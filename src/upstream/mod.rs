@@ -200,6 +200,11 @@ impl Upstream {
         &self.endpoint
     }
 
+    /// Cap of the reconnect backoff.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
+    }
+
     /// The key a new session starts with: the configured credentials and database, RESP2.
     pub fn initial_key(&self) -> PoolKey {
         PoolKey { creds: self.default_creds.clone(), db: self.default_db, proto: Proto::Resp2 }

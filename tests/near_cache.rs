@@ -1,0 +1,597 @@
+//! The near-cache against real Redis and several sidecache instances: hits, coherence after
+//! writes from every route, read-your-writes, protocol shapes, ACL partitioning, faults, the
+//! reply/invalidation race (through a fault relay) and a staleness bound.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::relay::Relay;
+use common::*;
+use sidecache::config::{CacheRuleConfig, CoherenceMode, Config};
+use sidecache::protocol::value::{self, Value};
+
+fn rule(name: &str, prefix: &str) -> CacheRuleConfig {
+    CacheRuleConfig { name: name.into(), prefix: prefix.into(), db: None, max_ttl: None }
+}
+
+fn cached(c: &mut Config, prefix: &str) {
+    c.near_cache.rules = vec![rule("master", prefix)];
+    c.near_cache.heartbeat = Duration::from_millis(100);
+    c.near_cache.heartbeat_timeout = Duration::from_millis(500);
+}
+
+async fn wait_coherent(p: &Proxy) {
+    eventually("near-cache coherence established", || async { p.http_get("/readyz").await.0 == 200 }).await;
+}
+
+async fn start_cached(redis_url: &str, prefix: &str) -> Proxy {
+    let mut c = test_config(redis_url);
+    cached(&mut c, prefix);
+    let p = Proxy::start_config(c).await;
+    wait_coherent(&p).await;
+    p
+}
+
+async fn stats(c: &mut Client) -> HashMap<String, String> {
+    let reply = c.cmd(&["SIDECACHE", "CACHE", "STATS"]).await;
+    let Some(Value::Agg(_, items)) = value::parse(&reply) else { panic!("STATS reply: {reply:?}") };
+    items
+        .chunks(2)
+        .map(|p| {
+            let s = |v: &Value| String::from_utf8_lossy(v.as_bytes().expect("a string")).to_string();
+            (s(&p[0]), s(&p[1]))
+        })
+        .collect()
+}
+
+async fn stat(c: &mut Client, name: &str) -> u64 {
+    stats(c).await.get(name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("stat {name}"))
+}
+
+fn bulk(s: &str) -> Bytes {
+    b(&format!("${}\r\n{s}\r\n", s.len()))
+}
+
+/// After a write, the instance must converge on the new value and then never return the old.
+async fn converges(c: &mut Client, key: &str, want: &Bytes, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = c.cmd(&["GET", key]).await;
+        if got == *want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what}: still served {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for _ in 0..50 {
+        assert_eq!(&c.cmd(&["GET", key]).await, want, "{what}: an old value came back");
+    }
+}
+
+#[tokio::test]
+async fn hit_after_first_read_and_metrics_move() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("sidecache-nc-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecache.toml");
+    std::fs::write(
+        &file,
+        "[near_cache]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"500ms\"\n\
+         [[near_cache.rules]]\nname = \"master\"\nprefix = \"master:\"\n",
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start(&redis.url(), &["--config", file.to_str().unwrap()]).await;
+    eventually("ready", || async { http_get(proxy.admin, "/readyz").await.0 == 200 }).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:brand:1", "REAN"]).await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    assert_eq!(c.cmd(&["GET", "master:brand:1"]).await, bulk("REAN"));
+    let before = stat(&mut c, "hits").await;
+    for _ in 0..5 {
+        assert_eq!(c.cmd(&["GET", "master:brand:1"]).await, bulk("REAN"));
+    }
+    assert_eq!(stat(&mut c, "hits").await, before + 5, "repeated reads are hits");
+    let calls = info_field(&redis.addr(), "cmdstat_get").await;
+    assert!(calls.starts_with("calls=1,"), "Redis saw one GET only: {calls}");
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await;
+    let value_of = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+    };
+    assert_eq!(value_of("sidecache_cache_hits_total{rule=\"master\"}"), 5.0);
+    assert_eq!(value_of("sidecache_cache_misses_total{rule=\"master\"}"), 1.0);
+    assert_eq!(value_of("sidecache_cache_entries{rule=\"master\"}"), 1.0);
+    assert_eq!(value_of("sidecache_coherence_up"), 1.0);
+    assert_eq!(value_of("sidecache_coherence_mode{mode=\"tracking\"}"), 1.0);
+    assert!(metrics.contains("sidecache_cache_invalidation_lag_seconds_bucket"), "lag is a histogram");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn writes_by_every_route_are_never_served_stale() {
+    let redis = RedisServer::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"]);
+    let a = start_cached(&redis.url(), "master:").await;
+    let other = start_cached(&redis.url(), "master:").await;
+    let mut ca = a.client().await;
+    let mut cb = other.client().await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let k = "master:k";
+
+    // Direct write to Redis.
+    direct.cmd(&["SET", k, "v1"]).await;
+    assert_eq!(ca.cmd(&["GET", k]).await, bulk("v1"));
+    assert_eq!(ca.cmd(&["GET", k]).await, bulk("v1"));
+    direct.cmd(&["SET", k, "v2"]).await;
+    converges(&mut ca, k, &bulk("v2"), "direct write").await;
+
+    // Through another instance.
+    assert_eq!(cb.cmd(&["GET", k]).await, bulk("v2"));
+    cb.cmd(&["SET", k, "v3"]).await;
+    assert_eq!(cb.cmd(&["GET", k]).await, bulk("v3"), "read-your-writes on the writing instance");
+    converges(&mut ca, k, &bulk("v3"), "write through another instance").await;
+
+    // Through this instance: the very next read sees it.
+    ca.cmd(&["SET", k, "v4"]).await;
+    assert_eq!(ca.cmd(&["GET", k]).await, bulk("v4"));
+
+    // By a script.
+    direct.cmd(&["EVAL", "return redis.call('SET', KEYS[1], 'v5')", "1", k]).await;
+    converges(&mut ca, k, &bulk("v5"), "EVAL").await;
+
+    // By expiry.
+    direct.cmd(&["PEXPIRE", k, "100"]).await;
+    assert_eq!(ca.cmd(&["GET", k]).await, bulk("v5"));
+    converges(&mut ca, k, &b("$-1\r\n"), "PEXPIRE expiry").await;
+
+    // By FLUSHALL.
+    direct.cmd(&["SET", k, "v6"]).await;
+    converges(&mut ca, k, &bulk("v6"), "re-created").await;
+    direct.cmd(&["FLUSHALL"]).await;
+    converges(&mut ca, k, &b("$-1\r\n"), "FLUSHALL").await;
+
+    // By eviction under maxmemory: fill Redis until the key is evicted.
+    direct.cmd(&["SET", k, "v7"]).await;
+    converges(&mut ca, k, &bulk("v7"), "before eviction").await;
+    let filler = "x".repeat(10_000);
+    let mut i = 0;
+    while direct.cmd(&["EXISTS", k]).await == b(":1\r\n") {
+        for _ in 0..50 {
+            direct.cmd(&["SET", &format!("filler:{i}"), &filler]).await;
+            i += 1;
+        }
+        assert!(i < 100_000, "the key was never evicted");
+    }
+    converges(&mut ca, k, &b("$-1\r\n"), "eviction under maxmemory").await;
+}
+
+#[tokio::test]
+async fn read_your_writes_over_1000_pipelined_pairs() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let k = "master:ryw";
+    // Another client of the same instance keeps reading the key, so fills race the writes.
+    let addr = a.addr.to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let reader = tokio::spawn(async move {
+        let mut c = Client::connect(&addr).await;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            c.cmd(&["GET", "master:ryw"]).await;
+        }
+    });
+    let mut c = a.client().await;
+    let mut pipeline = Vec::new();
+    for i in 0..1000 {
+        let v = i.to_string();
+        pipeline.extend(encode(&[b"SET", k.as_bytes(), v.as_bytes()]));
+        pipeline.extend(encode(&[b"GET", k.as_bytes()]));
+    }
+    c.send_raw(&pipeline).await;
+    for i in 0..1000 {
+        assert_eq!(c.read().await, b("+OK\r\n"));
+        assert_eq!(c.read().await, bulk(&i.to_string()), "pair {i}: the read must see its write");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
+    // And a plain write followed by reads from another client of the same instance.
+    let mut other = a.client().await;
+    for i in 0..200 {
+        c.cmd(&["SET", k, &format!("w{i}")]).await;
+        assert_eq!(other.cmd(&["GET", k]).await, bulk(&format!("w{i}")), "another client reads the write");
+    }
+}
+
+#[tokio::test]
+async fn mget_answers_partial_hits_in_order() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["MSET", "master:a", "1", "master:b", "2", "other:c", "3"]).await;
+    let mut c = a.client().await;
+    assert_eq!(c.cmd(&["GET", "master:a"]).await, bulk("1"));
+    let hits = stat(&mut c, "hits").await;
+    let args = ["MGET", "master:b", "other:c", "master:a", "master:none", "master:a"];
+    let want = direct.cmd(&args).await;
+    assert_eq!(c.cmd(&args).await, want, "partial hit, in order");
+    assert_eq!(stat(&mut c, "hits").await, hits + 2, "master:a twice from memory");
+    assert_eq!(c.cmd(&args).await, want, "now all ruled keys are hits");
+    assert_eq!(stat(&mut c, "hits").await, hits + 2 + 4);
+    // RESP3 client, same entries.
+    c.cmd(&["HELLO", "3"]).await;
+    let mut d3 = Client::connect(&redis.addr()).await;
+    d3.cmd(&["HELLO", "3"]).await;
+    assert_eq!(c.cmd(&args).await, d3.cmd(&args).await, "RESP3 nulls");
+}
+
+#[tokio::test]
+async fn one_entry_serves_resp2_and_resp3_clients() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["HSET", "master:h", "f1", "v1", "f2", "v2"]).await;
+    direct.cmd(&["SADD", "master:s", "x", "y"]).await;
+    direct.cmd(&["RPUSH", "master:l", "a", "b", "c"]).await;
+    direct.cmd(&["ZADD", "master:z", "1", "m1", "2", "m2"]).await;
+    let mut d3 = Client::connect(&redis.addr()).await;
+    d3.cmd(&["HELLO", "3"]).await;
+    let mut c2 = a.client().await;
+    let mut c3 = a.client().await;
+    c3.cmd(&["HELLO", "3"]).await;
+    let reads: [&[&str]; 10] = [
+        &["HGETALL", "master:h"],
+        &["HGET", "master:h", "f1"],
+        &["HMGET", "master:h", "f2", "nope"],
+        &["SMEMBERS", "master:s"],
+        &["EXISTS", "master:h"],
+        &["STRLEN", "master:none"],
+        &["LRANGE", "master:l", "0", "-1"],
+        &["ZRANGE", "master:z", "0", "-1"],
+        &["ZRANGEBYSCORE", "master:z", "-inf", "+inf"],
+        &["GET", "master:none"],
+    ];
+    for r in reads {
+        // Filled by a RESP2 client, then served to both.
+        let want2 = direct.cmd(r).await;
+        let want3 = d3.cmd(r).await;
+        assert_eq!(c2.cmd(r).await, want2, "{r:?} miss, RESP2");
+        let hits = stat(&mut c2, "hits").await;
+        assert_eq!(c3.cmd(r).await, want3, "{r:?} hit, RESP3");
+        assert_eq!(c2.cmd(r).await, want2, "{r:?} hit, RESP2");
+        assert_eq!(stat(&mut c2, "hits").await, hits + 2, "{r:?} answered from one entry");
+    }
+    // A write to the hash invalidates every view of it.
+    c3.cmd(&["HSET", "master:h", "f1", "new"]).await;
+    assert_eq!(c2.cmd(&["HGET", "master:h", "f1"]).await, bulk("new"));
+    assert_eq!(c2.cmd(&["HGETALL", "master:h"]).await, direct.cmd(&["HGETALL", "master:h"]).await);
+    // Errors are never cached.
+    let wrong = c2.cmd(&["GET", "master:h"]).await;
+    assert!(wrong.starts_with(b"-WRONGTYPE"), "{wrong:?}");
+    let hits = stat(&mut c2, "hits").await;
+    assert!(c2.cmd(&["GET", "master:h"]).await.starts_with(b"-WRONGTYPE"));
+    assert_eq!(stat(&mut c2, "hits").await, hits, "an error is not a hit");
+}
+
+#[tokio::test]
+async fn transactions_and_watched_keys_never_read_from_memory() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut c = a.client().await;
+    c.cmd(&["SET", "master:t", "1"]).await;
+    assert_eq!(c.cmd(&["GET", "master:t"]).await, bulk("1"));
+    let hits = stat(&mut c, "hits").await;
+    assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["GET", "master:t"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["SET", "master:t", "2"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["GET", "master:t"]).await, b("+QUEUED\r\n"));
+    assert_eq!(c.cmd(&["EXEC"]).await, b("*3\r\n$1\r\n1\r\n+OK\r\n$1\r\n2\r\n"));
+    assert_eq!(stat(&mut c, "hits").await, hits, "nothing inside MULTI came from memory");
+    // The transaction's write is read by the next plain read, on this and another client.
+    let mut other = a.client().await;
+    assert_eq!(other.cmd(&["GET", "master:t"]).await, bulk("2"));
+    assert_eq!(c.cmd(&["WATCH", "master:t"]).await, b("+OK\r\n"));
+    let hits = stat(&mut c, "hits").await;
+    assert_eq!(c.cmd(&["GET", "master:t"]).await, bulk("2"));
+    assert_eq!(stat(&mut c, "hits").await, hits, "a watching client reads from Redis");
+    c.cmd(&["UNWATCH"]).await;
+    // A client with its own CLIENT TRACKING never reads from memory.
+    let mut t = a.client().await;
+    t.cmd(&["HELLO", "3"]).await;
+    assert_eq!(t.cmd(&["CLIENT", "TRACKING", "ON"]).await, b("+OK\r\n"));
+    let hits = stat(&mut t, "hits").await;
+    assert_eq!(t.cmd(&["GET", "master:t"]).await, bulk("2"));
+    assert_eq!(stat(&mut t, "hits").await, hits);
+}
+
+#[tokio::test]
+async fn acl_users_never_see_each_others_cached_values() {
+    let redis = RedisServer::start();
+    let mut admin = Client::connect(&redis.addr()).await;
+    admin.cmd(&["ACL", "SETUSER", "alice", "on", ">pa", "~alice:*", "~shared:*", "+@all"]).await;
+    admin.cmd(&["ACL", "SETUSER", "bob", "on", ">pb", "~bob:*", "+@all"]).await;
+    admin.cmd(&["SET", "alice:secret", "a-only"]).await;
+    admin.cmd(&["SET", "shared:x", "s"]).await;
+    let a = start_cached(&redis.url(), "").await;
+    let mut alice = a.client().await;
+    let mut bob = a.client().await;
+    assert_eq!(alice.cmd(&["AUTH", "alice", "pa"]).await, b("+OK\r\n"));
+    assert_eq!(bob.cmd(&["AUTH", "bob", "pb"]).await, b("+OK\r\n"));
+    for _ in 0..3 {
+        assert_eq!(alice.cmd(&["GET", "alice:secret"]).await, bulk("a-only"));
+        assert_eq!(alice.cmd(&["GET", "shared:x"]).await, bulk("s"));
+    }
+    let denied = bob.cmd(&["GET", "alice:secret"]).await;
+    assert!(denied.starts_with(b"-NOPERM"), "bob must not read alice's cached value: {denied:?}");
+    let denied = bob.cmd(&["MGET", "shared:x", "bob:none"]).await;
+    assert!(denied.starts_with(b"-NOPERM"), "nor through MGET: {denied:?}");
+    let info = bob.cmd(&["SIDECACHE", "CACHE", "INFO", "alice:secret"]).await;
+    assert_eq!(info, b("$-1\r\n"), "bob sees nothing cached for alice's key");
+    let info = alice.cmd(&["SIDECACHE", "CACHE", "INFO", "alice:secret"]).await;
+    assert!(info.starts_with(b"*1\r\n"), "alice's entry exists: {info:?}");
+}
+
+async fn link_client_id(redis: &RedisServer) -> Vec<String> {
+    let mut direct = Client::connect(&redis.addr()).await;
+    let list = direct.cmd(&["CLIENT", "LIST"]).await;
+    String::from_utf8_lossy(&list)
+        .lines()
+        .filter(|l| l.contains("name=sidecache-coherence"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn killed_invalidation_link_is_followed_by_no_stale_read() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut c = a.client().await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:f", "old"]).await;
+    assert_eq!(c.cmd(&["GET", "master:f"]).await, bulk("old"));
+    assert_eq!(c.cmd(&["GET", "master:f"]).await, bulk("old"));
+    let flushes = stat(&mut c, "flushes").await;
+    let ids = link_client_id(&redis).await;
+    assert_eq!(ids.len(), 1, "one invalidation link");
+    direct.cmd(&["CLIENT", "KILL", "ID", &ids[0]]).await;
+    direct.cmd(&["SET", "master:f", "new"]).await;
+    converges(&mut c, "master:f", &bulk("new"), "after CLIENT KILL of the link").await;
+    assert!(stat(&mut c, "flushes").await > flushes, "the cache was flushed on link loss");
+    eventually("a new link", || async { link_client_id(&redis).await.len() == 1 }).await;
+    wait_coherent(&a).await;
+    // Coherent again: hits resume and writes are seen.
+    assert_eq!(c.cmd(&["GET", "master:f"]).await, bulk("new"));
+    direct.cmd(&["SET", "master:f", "newer"]).await;
+    converges(&mut c, "master:f", &bulk("newer"), "after the link is back").await;
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_is_followed_by_no_stale_read() {
+    let mut redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut c = a.client().await;
+    c.cmd(&["SET", "master:r", "before"]).await;
+    assert_eq!(c.cmd(&["GET", "master:r"]).await, bulk("before"));
+    assert_eq!(c.cmd(&["GET", "master:r"]).await, bulk("before"));
+    redis.kill();
+    redis.restart();
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:r", "after"]).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = c.cmd(&["GET", "master:r"]).await;
+        assert_ne!(got, bulk("before"), "a value from before the restart was served");
+        if got == bulk("after") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {got:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    converges(&mut c, "master:r", &bulk("after"), "after restart").await;
+}
+
+#[tokio::test]
+async fn redis_stopped_beyond_the_heartbeat_is_followed_by_no_stale_read() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut c = a.client().await;
+    c.cmd(&["SET", "master:s", "before"]).await;
+    assert_eq!(c.cmd(&["GET", "master:s"]).await, bulk("before"));
+    let flushes = stat(&mut c, "flushes").await;
+    redis.signal(libc::SIGSTOP);
+    eventually("coherence down after the missed heartbeat", || async {
+        let mut c = a.client().await;
+        stats(&mut c).await.get("coherence").map(String::as_str) == Some("down")
+    })
+    .await;
+    redis.signal(libc::SIGCONT);
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:s", "after"]).await;
+    converges(&mut c, "master:s", &bulk("after"), "after SIGSTOP beyond the heartbeat").await;
+    assert!(stat(&mut c, "flushes").await > flushes);
+    wait_coherent(&a).await;
+}
+
+#[tokio::test]
+async fn a_reply_that_raced_an_invalidation_is_not_stored() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let a = start_cached(&relay.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:race", "old"]).await;
+    let mut c = a.client().await;
+    let mut observer = a.client().await;
+    // Warm the data connection so the read below only waits on the held reply.
+    assert_eq!(c.cmd(&["GET", "master:warm"]).await, b("$-1\r\n"));
+    let invalidations = stat(&mut observer, "invalidations").await;
+    relay.hold(true);
+    c.send(&[b"GET", b"master:race"]).await;
+    // Let the read reach Redis (its reply is held), then write directly.
+    eventually("the read reached Redis", || async {
+        info_field(&redis.addr(), "cmdstat_get").await.contains("calls=2,")
+    })
+    .await;
+    direct.cmd(&["SET", "master:race", "new"]).await;
+    eventually("the invalidation overtook the reply", || async {
+        let mut o = a.client().await;
+        stat(&mut o, "invalidations").await > invalidations
+    })
+    .await;
+    relay.hold(false);
+    assert_eq!(c.read().await, bulk("old"), "the raced read itself returns what Redis answered");
+    assert_eq!(c.cmd(&["GET", "master:race"]).await, bulk("new"), "the raced reply was not stored");
+    assert_eq!(c.cmd(&["GET", "master:race"]).await, bulk("new"));
+}
+
+#[tokio::test]
+async fn staleness_is_bounded_and_values_converge() {
+    const BOUND: Duration = Duration::from_millis(50);
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let b2 = start_cached(&redis.url(), "master:").await;
+    let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for addr in [a.addr, a.addr, b2.addr] {
+        let done = done.clone();
+        readers.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr.to_string()).await;
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = c.cmd(&["GET", "master:version"]).await;
+                let v = std::str::from_utf8(&r).ok().and_then(|s| s.lines().nth(1)).and_then(|s| s.parse::<u64>().ok());
+                seen.push((start, v.unwrap_or(0)));
+            }
+            seen
+        }));
+    }
+    let mut direct = Client::connect(&redis.addr()).await;
+    for v in 1..=300u64 {
+        direct.cmd(&["SET", "master:version", &v.to_string()]).await;
+        acks.lock().unwrap().push((Instant::now(), v));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acks = acks.lock().unwrap().clone();
+    let mut worst = Duration::ZERO;
+    let mut reads = 0;
+    for r in readers {
+        for (start, v) in r.await.unwrap() {
+            reads += 1;
+            // The newest version acknowledged more than BOUND before this read started.
+            if let Some(&(acked, newest)) = acks.iter().rev().find(|(t, _)| *t + BOUND <= start) {
+                assert!(
+                    v >= newest,
+                    "a read started {:?} after version {newest} was acknowledged returned {v}",
+                    start - acked
+                );
+            }
+            if let Some(&(acked, _)) = acks.iter().find(|(_, ver)| *ver == v + 1)
+                && start > acked
+            {
+                worst = worst.max(start - acked);
+            }
+        }
+    }
+    assert!(reads > 100, "readers made {reads} reads");
+    eprintln!("staleness: {reads} reads, worst observed lag {worst:?} (bound {BOUND:?})");
+    for p in [&a, &b2] {
+        let mut c = p.client().await;
+        converges(&mut c, "master:version", &bulk("300"), "eventual equality").await;
+    }
+}
+
+#[tokio::test]
+async fn pubsub_mode_invalidates_across_instances_and_bounds_direct_writes() {
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cached(&mut cfg, "master:");
+    cfg.near_cache.coherence = CoherenceMode::Pubsub;
+    cfg.near_cache.pubsub_max_ttl = Duration::from_millis(300);
+    let a = Proxy::start_config(cfg.clone()).await;
+    let b2 = Proxy::start_config(cfg).await;
+    wait_coherent(&a).await;
+    wait_coherent(&b2).await;
+    let mut ca = a.client().await;
+    let mut cb = b2.client().await;
+    assert_eq!(stats(&mut ca).await["coherence"], "pubsub");
+    cb.cmd(&["SET", "master:p", "1"]).await;
+    assert_eq!(ca.cmd(&["GET", "master:p"]).await, bulk("1"));
+    assert_eq!(ca.cmd(&["GET", "master:p"]).await, bulk("1"));
+    cb.cmd(&["SET", "master:p", "2"]).await;
+    converges(&mut ca, "master:p", &bulk("2"), "write through another instance (pub/sub)").await;
+    // A write that bypasses sidecache is bounded by pubsub_max_ttl.
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:p", "3"]).await;
+    converges(&mut ca, "master:p", &bulk("3"), "direct write, bounded by pubsub_max_ttl").await;
+}
+
+#[tokio::test]
+async fn refused_tracking_keeps_the_cache_bypassed_and_readyz_says_why() {
+    let redis = RedisServer::start();
+    let mut admin = Client::connect(&redis.addr()).await;
+    admin.cmd(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-client|tracking"]).await;
+    let url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
+    let mut cfg = test_config(&url);
+    cached(&mut cfg, "master:");
+    cfg.near_cache.coherence = CoherenceMode::Tracking;
+    let strict = Proxy::start_config(cfg.clone()).await;
+    eventually("readyz explains the coherence problem", || async {
+        let (status, body) = strict.http_get("/readyz").await;
+        status == 503 && body.contains("coherence down") && body.contains("CLIENT TRACKING refused")
+    })
+    .await;
+    let mut c = strict.client().await;
+    c.cmd(&["SET", "master:x", "1"]).await;
+    assert_eq!(c.cmd(&["GET", "master:x"]).await, bulk("1"));
+    assert_eq!(c.cmd(&["GET", "master:x"]).await, bulk("1"));
+    assert_eq!(stat(&mut c, "hits").await, 0, "bypassed while coherence is down");
+    // `auto` falls back to pub/sub on the same server.
+    cfg.near_cache.coherence = CoherenceMode::Auto;
+    let auto = Proxy::start_config(cfg).await;
+    wait_coherent(&auto).await;
+    let mut c = auto.client().await;
+    assert_eq!(stats(&mut c).await["coherence"], "pubsub");
+}
+
+#[tokio::test]
+async fn concurrent_misses_on_one_key_make_one_upstream_read() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let a = start_cached(&relay.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:hot", "v"]).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = a.client().await;
+        assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+        clients.push(c);
+    }
+    let gets_before = info_field(&redis.addr(), "cmdstat_get").await;
+    let mut observer = a.client().await;
+    let misses = stat(&mut observer, "misses").await;
+    relay.hold(true);
+    for c in clients.iter_mut() {
+        c.send(&[b"GET", b"master:hot"]).await;
+    }
+    eventually("all ten reads arrived", || async {
+        let mut o = a.client().await;
+        stat(&mut o, "misses").await >= misses + 10
+    })
+    .await;
+    relay.hold(false);
+    for c in clients.iter_mut() {
+        assert_eq!(c.read().await, bulk("v"));
+    }
+    let gets_after = info_field(&redis.addr(), "cmdstat_get").await;
+    let calls = |s: &str| {
+        s.split(',').next().and_then(|c| c.strip_prefix("calls=")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert_eq!(calls(&gets_after) - calls(&gets_before), 1, "ten concurrent misses, one GET reached Redis");
+}
