@@ -88,6 +88,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Commands refused by policy.
     pub security: SecurityConfig,
+    /// TTL policy by key prefix (`crate::ttl` owns the section).
+    pub ttl: crate::ttl::TtlConfig,
 }
 
 /// `[upstream]`.
@@ -165,6 +167,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             security: SecurityConfig::default(),
+            ttl: crate::ttl::TtlConfig::default(),
         }
     }
 }
@@ -229,7 +232,7 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 9] = [
+const ENV_KEYS: [(&str, &str); 10] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
@@ -239,6 +242,7 @@ const ENV_KEYS: [(&str, &str); 9] = [
     ("UPSTREAM__", "upstream."),
     ("LIMITS__", "limits."),
     ("SECURITY__", "security."),
+    ("TTL__", "ttl."),
 ];
 
 /// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
@@ -357,6 +361,7 @@ impl Config {
                 problems.push(format!("security.deny: {name:?} is not a command name"));
             }
         }
+        problems.extend(self.ttl.problems());
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
         }

@@ -33,6 +33,12 @@ pub const UPSTREAM_CONNECTIONS: &str = "sidecache_upstream_connections";
 pub const UPSTREAM_CONNECT_FAILURES: &str = "sidecache_upstream_connect_failures_total";
 /// Malformed input, by kind.
 pub const PROTOCOL_ERRORS: &str = "sidecache_protocol_errors_total";
+/// Keys the TTL policy gave their rule's TTL (or would have, in audit mode), by rule.
+pub const TTL_APPLIED: &str = "sidecache_ttl_applied_total";
+/// Key-creating writes to keys that match no TTL rule (the key-naming lint), by database.
+pub const TTL_MISSING: &str = "sidecache_ttl_missing_total";
+/// Writes to ruled keys the TTL policy cannot reach, by reason (`ttl::UNENFORCED_REASONS`).
+pub const TTL_UNENFORCED: &str = "sidecache_ttl_unenforced_total";
 
 /// The closed set of `kind` labels of `sidecache_protocol_errors_total`.
 pub const PROTOCOL_ERROR_KINDS: [&str; 9] = [
@@ -87,6 +93,9 @@ fn describe() {
     describe_gauge!(UPSTREAM_CONNECTIONS, "Open connections to the upstream Redis.");
     describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to the upstream Redis.");
     describe_counter!(PROTOCOL_ERRORS, "Malformed input from clients or Redis, by kind.");
+    describe_counter!(TTL_APPLIED, "Written keys given (or, in audit mode, due) their TTL rule's TTL, by rule.");
+    describe_counter!(TTL_MISSING, "Key-creating writes to keys that match no TTL rule, by database.");
+    describe_counter!(TTL_UNENFORCED, "Writes to ruled keys the TTL policy cannot reach (scripts, other databases).");
 }
 
 /// Handles resolved once; cheap to use on every command.

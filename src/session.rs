@@ -40,6 +40,7 @@ use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
 use crate::protocol::{RequestError, RequestParser};
 use crate::server::Context;
+use crate::ttl::Plan;
 use crate::upstream::{
     Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter,
 };
@@ -66,11 +67,19 @@ enum Slot {
     Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Meta),
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
-    #[allow(dead_code)]
     Later(Later, Meta),
-    /// `count` frames coming from the dedicated connection; the first `skip` are sidecache's
-    /// own and not shown; the first shown one is also sent to `report`.
-    Pinned { count: usize, skip: usize, meta: Option<Meta>, report: Option<oneshot::Sender<Bytes>>, monitor: bool },
+    /// `count` frames coming from the dedicated connection; the first `skip` and the last
+    /// `tail` are sidecache's own and not shown; the first shown one is also sent to `report`.
+    /// `strip` lists elements of an `EXEC` reply that answer sidecache's own queued commands.
+    Pinned {
+        count: usize,
+        skip: usize,
+        tail: usize,
+        strip: Vec<usize>,
+        meta: Option<Meta>,
+        report: Option<oneshot::Sender<Bytes>>,
+        monitor: bool,
+    },
     /// From now on, frames of this dedicated connection arrive here.
     Attach(mpsc::Receiver<PinnedFrame>),
     /// The dedicated connection is being closed on purpose (its end is not a failure).
@@ -102,6 +111,10 @@ struct State {
     in_multi: bool,
     /// A command was refused locally while queuing: `EXEC` must abort, as Redis's would.
     multi_dirty: bool,
+    /// Commands queued in the transaction so far, sidecache's own included.
+    multi_len: usize,
+    /// Positions of sidecache's own queued commands (TTL policy), removed from `EXEC`'s reply.
+    multi_hidden: Vec<usize>,
     watching: bool,
     /// The dedicated connection's state is authoritative for good (connection-scoped commands).
     sticky: bool,
@@ -121,6 +134,8 @@ impl State {
             name: None,
             in_multi: false,
             multi_dirty: false,
+            multi_len: 0,
+            multi_hidden: Vec::new(),
             watching: false,
             sticky: false,
             monitor: false,
@@ -452,8 +467,34 @@ impl Reader {
         Ok(Ok(rx))
     }
 
+    /// Queues several commands back to back in one batch on one shared connection (a batch is
+    /// written as a unit, so no other client's command comes between them); one receiver each.
+    async fn queue_pooled_group(
+        &mut self,
+        cmds: &[Vec<Bytes>],
+    ) -> Result<Result<Vec<oneshot::Receiver<crate::upstream::mux::Reply>>, UpstreamError>, Stop> {
+        self.switch(Target::Pool).await?;
+        let handle = match self.pool_handle().await {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !matches!(&self.batch, Some((h, _)) if h.is_same(&handle)) {
+            self.flush().await?;
+            self.batch = Some((handle, Batch::default()));
+        }
+        let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
+        let mut rxs = Vec::with_capacity(cmds.len());
+        for args in cmds {
+            let (tx, rx) = oneshot::channel();
+            encode::command(&mut batch.payload, args);
+            batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+            rxs.push(rx);
+        }
+        self.sent_since_barrier = true;
+        Ok(Ok(rxs))
+    }
+
     /// A reply a feature module computes; placed in order like any other.
-    #[allow(dead_code)] // used by the near-cache, TTL and lock modules as they land
     async fn later(&mut self, fut: Later, meta: Meta) -> Result<(), Stop> {
         self.push(Slot::Later(fut, meta)).await
     }
@@ -510,6 +551,20 @@ impl Reader {
         meta: Meta,
         report: Option<oneshot::Sender<Bytes>>,
     ) -> Result<bool, Stop> {
+        self.send_pinned_ext(hidden, args, replies, meta, report, PinnedExtra::default()).await
+    }
+
+    /// `send_pinned`, plus sidecache's own commands after the client's (`extra.tail`, their
+    /// replies hidden) and `EXEC` elements to remove (`extra.strip`).
+    async fn send_pinned_ext(
+        &mut self,
+        hidden: &[&[&[u8]]],
+        args: &[Bytes],
+        replies: usize,
+        meta: Meta,
+        report: Option<oneshot::Sender<Bytes>>,
+        extra: PinnedExtra,
+    ) -> Result<bool, Stop> {
         self.switch(Target::Pinned).await?;
         if let Err(e) = self.ensure_pinned().await {
             self.local(e.to_reply(), meta).await?;
@@ -519,10 +574,23 @@ impl Reader {
             encode::command(&mut self.pinned_out, h);
         }
         encode::command(&mut self.pinned_out, args);
+        for t in &extra.tail {
+            encode::command(&mut self.pinned_out, t);
+        }
+        if self.state.in_multi && !not_queued(args) {
+            let first_tail = self.state.multi_len + hidden.len() + 1;
+            self.state.multi_hidden.extend(first_tail..first_tail + extra.tail.len());
+            self.state.multi_len = first_tail + extra.tail.len();
+        }
         self.sent_since_barrier = true;
-        let count = hidden.len() + replies;
+        // Redis answers the tail unless replies are off altogether (SKIP covered only the
+        // client's command).
+        let tail = if self.state.reply_mode == ReplyMode::Off || self.state.monitor { 0 } else { extra.tail.len() };
+        let count = hidden.len() + replies + tail;
         let monitor = self.state.monitor;
-        self.push(Slot::Pinned { count, skip: hidden.len(), meta: Some(meta), report, monitor }).await?;
+        let slot =
+            Slot::Pinned { count, skip: hidden.len(), tail, strip: extra.strip, meta: Some(meta), report, monitor };
+        self.push(slot).await?;
         Ok(true)
     }
 
@@ -583,6 +651,8 @@ impl Reader {
                 self.state.in_multi = false;
                 self.state.multi_dirty = false;
                 self.state.watching = false;
+                self.state.multi_len = 0;
+                let strip = std::mem::take(&mut self.state.multi_hidden);
                 if dirty {
                     let discard: &[&[u8]] = &[b"DISCARD"];
                     self.send_pinned(&[discard], &[], 0, meta, None).await?;
@@ -590,7 +660,9 @@ impl Reader {
                         .await?;
                 } else {
                     let replies = self.expected_replies(1);
-                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+                    let strip = if cmd.kind == Kind::Exec { strip } else { Vec::new() };
+                    let extra = PinnedExtra { strip, ..Default::default() };
+                    self.send_pinned_ext(&[], &cmd.args, replies, meta, None, extra).await?;
                 }
             }
             Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
@@ -644,10 +716,7 @@ impl Reader {
                 self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
             }
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
-            Kind::Blocking if !self.state.in_multi => {
-                let replies = self.expected_replies(1);
-                self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
-            }
+            Kind::Blocking if !self.state.in_multi => self.forward(&cmd, meta, true).await?,
             Kind::Wait if !self.state.in_multi => {
                 // WAIT counts replicas that acknowledged this connection's last write. The
                 // client's writes went over the shared connection, so a PUBLISH on the dedicated
@@ -683,14 +752,29 @@ impl Reader {
         }
     }
 
-    /// Sends a command where the session's commands go now.
+    /// Sends a command where the session's commands go now, as the TTL policy plans it.
     async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        let plan = self.ctx.policy.load().ttl.plan(cmd, self.state.db);
+        let (args, tail) = match plan {
+            Plan::Forward => (&cmd.args, Vec::new()),
+            Plan::Rewrite(ref args) => (args, Vec::new()),
+            Plan::Guard(guards) if pinned_mode => (&cmd.args, guards),
+            Plan::Guard(guards) => {
+                // Atomic on the shared connection: MULTI, the command, PEXPIRE … NX, EXEC.
+                let batch = crate::ttl::guarded_batch(&cmd.args, guards);
+                return match self.queue_pooled_group(&batch).await? {
+                    Ok(rxs) => self.later(crate::ttl::guarded_reply(rxs), meta).await,
+                    Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+                };
+            }
+        };
         if pinned_mode {
             let replies = self.expected_replies(1);
-            self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+            let extra = PinnedExtra { tail, ..Default::default() };
+            self.send_pinned_ext(&[], args, replies, meta, None, extra).await?;
             Ok(())
         } else {
-            self.send_pooled(&cmd.args, meta).await
+            self.send_pooled(args, meta).await
         }
     }
 
@@ -857,6 +941,20 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+/// What `send_pinned_ext` adds to a command on the dedicated connection.
+#[derive(Default)]
+struct PinnedExtra {
+    /// sidecache's own commands sent right after the client's; their replies are not shown.
+    tail: Vec<Vec<Bytes>>,
+    /// Elements of this `EXEC`'s reply that answer sidecache's own queued commands.
+    strip: Vec<usize>,
+}
+
+/// Commands Redis runs at once inside `MULTI` instead of queuing them.
+fn not_queued(args: &[Bytes]) -> bool {
+    args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"MULTI") || n.eq_ignore_ascii_case(b"WATCH"))
 }
 
 struct Hello {
@@ -1042,7 +1140,7 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
-                Slot::Pinned { count, skip, meta, mut report, monitor } => {
+                Slot::Pinned { count, skip, tail, strip, meta, mut report, monitor } => {
                     let mut seen = 0;
                     while seen < count {
                         let frame = match self.pinned.as_mut().map(|rx| rx.try_recv()) {
@@ -1069,7 +1167,8 @@ impl Writer {
                             self.out.extend_from_slice(&frame);
                             continue;
                         }
-                        if seen >= skip {
+                        if seen >= skip && seen + tail < count {
+                            let frame = if strip.is_empty() { frame } else { crate::ttl::strip_exec(&frame, &strip) };
                             if let Some(tx) = report.take() {
                                 let _ = tx.send(frame.clone());
                             }
