@@ -380,6 +380,8 @@ fn pexpire_nx(key: &Bytes, ms: u64) -> Vec<Bytes> {
 impl TtlPolicy {
     /// Compiles a validated `[ttl]` section (and creates its metric series).
     pub fn from_config(c: &TtlConfig) -> TtlPolicy {
+        // Handles made before the recorder exists would count nowhere.
+        crate::metrics::Metrics::get();
         let mut rules: Vec<Rule> = c
             .rules
             .iter()
