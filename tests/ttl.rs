@@ -527,7 +527,7 @@ async fn a_write_racing_a_reload_sees_the_old_rules_or_the_new_never_a_mix() {
         tokio::spawn(async move {
             let mut flips = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                reload.apply(if flips % 2 == 0 { &new } else { &old });
+                reload.apply(if flips.is_multiple_of(2) { &new } else { &old });
                 flips += 1;
                 tokio::task::yield_now().await;
             }
