@@ -218,6 +218,36 @@ async fn every_key_creating_write_replies_as_redis_and_gets_the_default_ttl_resp
     every_write(&mut rig, "r3").await;
 }
 
+/// Every write of the table on a ruled key that already exists with a TTL: where Redis keeps a
+/// TTL, sidecache leaves exactly that TTL; where the command itself drops it (`SET`, `GETSET`,
+/// `RENAME`, `*STORE`… replace the key), the key gets the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_on_a_key_with_a_ttl_keeps_it_unless_redis_itself_drops_it() {
+    let mut rig = Rig::start().await;
+    for (name, setup, write) in WRITES {
+        let k = format!("t:has_ttl:{name}");
+        let s = format!("src:has_ttl:{name}");
+        // Create the key with the write itself (so its type fits), without the policy.
+        for step in setup.iter() {
+            rig.setup(&fill(step, &k, &s)).await;
+        }
+        rig.setup(&fill(write, &k, &s)).await;
+        rig.setup(&["PEXPIRE", &k, "500000"]).await;
+        for step in setup.iter() {
+            rig.setup(&fill(step, &k, &s)).await;
+        }
+        rig.both(&fill(write, &k, &s)).await;
+        let redis_ttl = pttl(&mut rig.plain, &k).await;
+        let ttl = if name.starts_with('b') { settled_ttl(&mut rig.direct, &k).await } else { rig.pttl(&k).await };
+        if redis_ttl == -1 {
+            assert!(ttl > 0 && ttl <= DEFAULT_MS, "{name}: Redis dropped the TTL; the default applies: {ttl}");
+        } else {
+            assert!(redis_ttl > 400_000, "{name}: {redis_ttl}");
+            assert!(ttl > 400_000 && ttl <= 500_000, "{name}: the existing TTL stays: {ttl} (Redis: {redis_ttl})");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_ttl_is_never_shortened_or_extended() {
     let mut rig = Rig::start().await;
