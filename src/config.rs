@@ -105,6 +105,8 @@ pub struct Config {
     pub near_cache: NearCacheConfig,
     /// Commands refused by policy.
     pub security: SecurityConfig,
+    /// TTL policy by key prefix (`crate::ttl` owns the section).
+    pub ttl: crate::ttl::TtlConfig,
 }
 
 /// How the near-cache learns about writes.
@@ -322,6 +324,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             near_cache: NearCacheConfig::default(),
             security: SecurityConfig::default(),
+            ttl: crate::ttl::TtlConfig::default(),
         }
     }
 }
@@ -386,7 +389,7 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 10] = [
+const ENV_KEYS: [(&str, &str); 11] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
@@ -397,6 +400,7 @@ const ENV_KEYS: [(&str, &str); 10] = [
     ("LIMITS__", "limits."),
     ("SECURITY__", "security."),
     ("NEAR_CACHE__", "near_cache."),
+    ("TTL__", "ttl."),
 ];
 
 /// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
@@ -516,6 +520,7 @@ impl Config {
             }
         }
         self.near_cache.check(&mut problems);
+        problems.extend(self.ttl.problems());
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
         }

@@ -15,6 +15,7 @@
 //!    dedicated connection when the semantics need one (`MULTI`, `SUBSCRIBE`, `BLPOP`…).
 //! 5. Replies come back as the exact bytes Redis sent, framed by [`protocol::reply`]; the
 //!    session's writer puts them back in request order and writes each batch in one write.
+//!    Key-creating writes pass through the [`ttl`] policy first (default TTL by key prefix).
 //! 6. [`metrics`] counts everything; [`admin`] serves `/metrics`, `/livez` and `/readyz`.
 //!
 //! [`config`] loads and validates the configuration; `main.rs` is only CLI, config and signals.
@@ -25,8 +26,10 @@ pub mod command;
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
+pub mod ttl;
 pub mod upstream;
 
 pub use config::Config;

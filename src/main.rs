@@ -124,6 +124,16 @@ async fn signals(cli: Cli, shutdown: CancellationToken, reload: sidecache::Reloa
         tracing::error!("Cannot install signal handlers.");
         return;
     };
+    // A changed config file (an edit, a Kubernetes ConfigMap update) reloads like SIGHUP.
+    let mut watch = cli.config.as_deref().and_then(|path| {
+        match sidecache::reload::FileWatch::new(path, sidecache::reload::DEBOUNCE) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "Cannot watch the config file; reload with SIGHUP.");
+                None
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -134,13 +144,25 @@ async fn signals(cli: Cli, shutdown: CancellationToken, reload: sidecache::Reloa
                 tracing::info!(signal = "SIGINT", "Shutdown requested.");
                 shutdown.cancel();
             }
-            _ = hup.recv() => match load(&cli) {
-                Ok(config) => {
-                    reload.apply(&config);
-                    tracing::info!(signal = "SIGHUP", "Configuration reloaded.");
-                }
-                Err(e) => tracing::error!(signal = "SIGHUP", problems = %e, "New configuration rejected; keeping the current one."),
-            },
+            _ = hup.recv() => reload_config(&cli, &reload, "SIGHUP"),
+            _ = file_changed(&mut watch) => reload_config(&cli, &reload, "file"),
         }
+    }
+}
+
+async fn file_changed(watch: &mut Option<sidecache::reload::FileWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reload_config(cli: &Cli, reload: &sidecache::ReloadHandle, trigger: &str) {
+    match load(cli) {
+        Ok(config) => {
+            reload.apply(&config);
+            tracing::info!(trigger, "Configuration reloaded.");
+        }
+        Err(e) => tracing::error!(trigger, problems = %e, "New configuration rejected; keeping the current one."),
     }
 }

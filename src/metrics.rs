@@ -33,6 +33,12 @@ pub const UPSTREAM_CONNECTIONS: &str = "sidecache_upstream_connections";
 pub const UPSTREAM_CONNECT_FAILURES: &str = "sidecache_upstream_connect_failures_total";
 /// Malformed input, by kind.
 pub const PROTOCOL_ERRORS: &str = "sidecache_protocol_errors_total";
+/// Keys the TTL policy gave their rule's TTL (or would have, in audit mode), by rule.
+pub const TTL_APPLIED: &str = "sidecache_ttl_applied_total";
+/// Key-creating writes to keys that match no TTL rule (the key-naming lint), by database.
+pub const TTL_MISSING: &str = "sidecache_ttl_missing_total";
+/// Writes to ruled keys the TTL policy cannot reach, by reason (`ttl::UNENFORCED_REASONS`).
+pub const TTL_UNENFORCED: &str = "sidecache_ttl_unenforced_total";
 
 /// Reads answered from the near-cache, by rule.
 pub const CACHE_HITS: &str = "sidecache_cache_hits_total";
@@ -135,6 +141,9 @@ fn describe() {
     describe_counter!(CACHE_TOO_BIG, "Replies not cached because they exceed near_cache.max_value_bytes.");
     describe_gauge!(COHERENCE_UP, "1 while the near-cache is coherent and used, else 0.");
     describe_gauge!(COHERENCE_MODE, "1 for the coherence mode in use (tracking or pubsub).");
+    describe_counter!(TTL_APPLIED, "Written keys given (or, in audit mode, due) their TTL rule's TTL, by rule.");
+    describe_counter!(TTL_MISSING, "Key-creating writes to keys that match no TTL rule, by database.");
+    describe_counter!(TTL_UNENFORCED, "Writes to ruled keys the TTL policy cannot reach (scripts, other databases).");
 }
 
 /// Handles of one near-cache rule.

@@ -41,6 +41,8 @@ pub struct Policy {
     pub max_output_bytes: usize,
     /// Commands in flight per client (applies to new connections).
     pub max_pipeline: usize,
+    /// TTL rules by key prefix.
+    pub ttl: Arc<crate::ttl::TtlPolicy>,
 }
 
 impl Policy {
@@ -57,6 +59,7 @@ impl Policy {
             idle_timeout: c.limits.idle_timeout,
             max_output_bytes: usize::try_from(c.limits.max_output_bytes).unwrap_or(usize::MAX),
             max_pipeline: c.limits.max_pipeline,
+            ttl: Arc::new(crate::ttl::TtlPolicy::from_config(&c.ttl)),
         }
     }
 }
@@ -104,7 +107,8 @@ pub struct ReloadHandle {
 }
 
 impl ReloadHandle {
-    /// Applies the policy parts of `config` (limits, deny list) to new commands at once.
+    /// Applies the policy parts of `config` (limits, deny list, TTL rules) to new commands at
+    /// once; each command reads one policy, so it sees the old rules or the new, never a mix.
     pub fn apply(&self, config: &Config) {
         self.ctx.policy.store(Arc::new(Policy::from_config(config)));
     }

@@ -35,12 +35,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Lookup, NearCache, Plan, Who, WriteGuard};
+use crate::cache::{Lookup, NearCache, Who, WriteGuard};
 use crate::command::{Command, Family, Kind, SubKind};
 use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
 use crate::protocol::{RequestError, RequestParser};
 use crate::server::Context;
+use crate::ttl::Plan;
 use crate::upstream::{
     Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter,
 };
@@ -68,13 +69,16 @@ enum Slot {
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
     Later(Later, Meta),
-    /// `count` frames coming from the dedicated connection; the first `skip` are sidecache's
-    /// own and not shown; the first shown one is also sent to `report`.
+    /// `count` frames coming from the dedicated connection; the first `skip` and the last
+    /// `tail` are sidecache's own and not shown; the first shown one is also sent to `report`.
+    /// `strip` lists elements of an `EXEC` reply that answer sidecache's own queued commands.
     /// `guard` marks keys written by the command; it is released once the reply is in, before
     /// the client sees it.
     Pinned {
         count: usize,
         skip: usize,
+        tail: usize,
+        strip: Vec<usize>,
         meta: Option<Meta>,
         report: Option<oneshot::Sender<Bytes>>,
         monitor: bool,
@@ -111,6 +115,10 @@ struct State {
     in_multi: bool,
     /// A command was refused locally while queuing: `EXEC` must abort, as Redis's would.
     multi_dirty: bool,
+    /// Commands queued in the transaction so far, sidecache's own included.
+    multi_len: usize,
+    /// Positions of sidecache's own queued commands (TTL policy), removed from `EXEC`'s reply.
+    multi_hidden: Vec<usize>,
     watching: bool,
     /// The dedicated connection's state is authoritative for good (connection-scoped commands).
     sticky: bool,
@@ -130,6 +138,8 @@ impl State {
             name: None,
             in_multi: false,
             multi_dirty: false,
+            multi_len: 0,
+            multi_hidden: Vec::new(),
             watching: false,
             sticky: false,
             monitor: false,
@@ -356,6 +366,41 @@ impl Reader {
 
     /// Pushes a slot; before waiting for room, sends what is queued so the writer can progress.
     async fn push(&mut self, slot: Slot) -> Result<(), Stop> {
+        // A write's near-cache guard is released once its reply is in, before the client sees it.
+        let slot = match (self.pending_guard.take(), slot) {
+            (Some(guard), Slot::Upstream(rx, meta)) => Slot::Later(
+                Box::pin(async move {
+                    let reply = rx.await;
+                    drop(guard);
+                    match reply {
+                        Ok(Ok(bytes)) => {
+                            let n = bytes.len();
+                            (bytes, n)
+                        }
+                        Ok(Err(e)) => (e.to_reply(), 0),
+                        Err(_) => (UpstreamError::Lost.to_reply(), 0),
+                    }
+                }),
+                meta,
+            ),
+            (Some(guard), Slot::Later(fut, meta)) => Slot::Later(
+                Box::pin(async move {
+                    let reply = fut.await;
+                    drop(guard);
+                    reply
+                }),
+                meta,
+            ),
+            (Some(guard), Slot::Local(reply, meta)) => {
+                drop(guard);
+                Slot::Local(reply, meta)
+            }
+            // Attach, Barrier…: the command's own reply slot comes next.
+            (guard, slot) => {
+                self.pending_guard = guard;
+                slot
+            }
+        };
         if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..)) {
             self.awaiting.fetch_add(1, Ordering::Relaxed);
         }
@@ -467,6 +512,33 @@ impl Reader {
         Ok(Ok(rx))
     }
 
+    /// Queues several commands back to back in one batch on one shared connection (a batch is
+    /// written as a unit, so no other client's command comes between them); one receiver each.
+    async fn queue_pooled_group(
+        &mut self,
+        cmds: &[Vec<Bytes>],
+    ) -> Result<Result<Vec<oneshot::Receiver<crate::upstream::mux::Reply>>, UpstreamError>, Stop> {
+        self.switch(Target::Pool).await?;
+        let handle = match self.pool_handle().await {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !matches!(&self.batch, Some((h, _)) if h.is_same(&handle)) {
+            self.flush().await?;
+            self.batch = Some((handle, Batch::default()));
+        }
+        let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
+        let mut rxs = Vec::with_capacity(cmds.len());
+        for args in cmds {
+            let (tx, rx) = oneshot::channel();
+            encode::command(&mut batch.payload, args);
+            batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+            rxs.push(rx);
+        }
+        self.sent_since_barrier = true;
+        Ok(Ok(rxs))
+    }
+
     /// A reply a feature module computes; placed in order like any other.
     async fn later(&mut self, fut: Later, meta: Meta) -> Result<(), Stop> {
         self.push(Slot::Later(fut, meta)).await
@@ -524,6 +596,20 @@ impl Reader {
         meta: Meta,
         report: Option<oneshot::Sender<Bytes>>,
     ) -> Result<bool, Stop> {
+        self.send_pinned_ext(hidden, args, replies, meta, report, PinnedExtra::default()).await
+    }
+
+    /// `send_pinned`, plus sidecache's own commands after the client's (`extra.tail`, their
+    /// replies hidden) and `EXEC` elements to remove (`extra.strip`).
+    async fn send_pinned_ext(
+        &mut self,
+        hidden: &[&[&[u8]]],
+        args: &[Bytes],
+        replies: usize,
+        meta: Meta,
+        report: Option<oneshot::Sender<Bytes>>,
+        extra: PinnedExtra,
+    ) -> Result<bool, Stop> {
         self.switch(Target::Pinned).await?;
         if let Err(e) = self.ensure_pinned().await {
             self.local(e.to_reply(), meta).await?;
@@ -533,11 +619,32 @@ impl Reader {
             encode::command(&mut self.pinned_out, h);
         }
         encode::command(&mut self.pinned_out, args);
+        for t in &extra.tail {
+            encode::command(&mut self.pinned_out, t);
+        }
+        if self.state.in_multi && !not_queued(args) {
+            let first_tail = self.state.multi_len + hidden.len() + 1;
+            self.state.multi_hidden.extend(first_tail..first_tail + extra.tail.len());
+            self.state.multi_len = first_tail + extra.tail.len();
+        }
         self.sent_since_barrier = true;
-        let count = hidden.len() + replies;
+        // Redis answers the tail unless replies are off altogether (SKIP covered only the
+        // client's command).
+        let tail = if self.state.reply_mode == ReplyMode::Off || self.state.monitor { 0 } else { extra.tail.len() };
+        let count = hidden.len() + replies + tail;
         let monitor = self.state.monitor;
         let guard = self.pending_guard.take();
-        self.push(Slot::Pinned { count, skip: hidden.len(), meta: Some(meta), report, monitor, guard }).await?;
+        let slot = Slot::Pinned {
+            count,
+            skip: hidden.len(),
+            tail,
+            strip: extra.strip,
+            meta: Some(meta),
+            report,
+            monitor,
+            guard,
+        };
+        self.push(slot).await?;
         Ok(true)
     }
 
@@ -599,6 +706,8 @@ impl Reader {
                 self.state.in_multi = false;
                 self.state.multi_dirty = false;
                 self.state.watching = false;
+                self.state.multi_len = 0;
+                let strip = std::mem::take(&mut self.state.multi_hidden);
                 if dirty {
                     let discard: &[&[u8]] = &[b"DISCARD"];
                     self.send_pinned(&[discard], &[], 0, meta, None).await?;
@@ -606,7 +715,9 @@ impl Reader {
                         .await?;
                 } else {
                     let replies = self.expected_replies(1);
-                    self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+                    let strip = if cmd.kind == Kind::Exec { strip } else { Vec::new() };
+                    let extra = PinnedExtra { strip, ..Default::default() };
+                    self.send_pinned_ext(&[], &cmd.args, replies, meta, None, extra).await?;
                 }
             }
             Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
@@ -662,8 +773,7 @@ impl Reader {
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
             Kind::Blocking if !self.state.in_multi => {
                 self.pending_guard = self.ctx.cache.as_ref().and_then(|c| c.begin_write(&cmd));
-                let replies = self.expected_replies(1);
-                self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+                self.forward(&cmd, meta, true).await?
             }
             Kind::Wait if !self.state.in_multi => {
                 // WAIT counts replicas that acknowledged this connection's last write. The
@@ -740,34 +850,13 @@ impl Reader {
             return self.forward(cmd, meta, true).await;
         }
         match crate::cache::reads::plan(cmd) {
-            Some(Plan::Single(read)) => self.cached_read(cache, cmd, read, meta).await,
-            Some(Plan::Mget(keys)) => self.cached_mget(cache, cmd, keys, meta).await,
-            None => match cache.begin_write(cmd) {
-                None => self.forward(cmd, meta, false).await,
-                Some(guard) => match self.queue_pooled(&cmd.args).await? {
-                    Err(e) => self.local(e.to_reply(), meta).await,
-                    Ok(rx) => {
-                        self.later(
-                            Box::pin(async move {
-                                let reply = rx.await;
-                                // The write has run: its keys are invalidated again before
-                                // the client can see the reply (read-your-writes).
-                                drop(guard);
-                                match reply {
-                                    Ok(Ok(bytes)) => {
-                                        let n = bytes.len();
-                                        (bytes, n)
-                                    }
-                                    Ok(Err(e)) => (e.to_reply(), 0),
-                                    Err(_) => (UpstreamError::Lost.to_reply(), 0),
-                                }
-                            }),
-                            meta,
-                        )
-                        .await
-                    }
-                },
-            },
+            Some(crate::cache::Plan::Single(read)) => self.cached_read(cache, cmd, read, meta).await,
+            Some(crate::cache::Plan::Mget(keys)) => self.cached_mget(cache, cmd, keys, meta).await,
+            None => {
+                // The write's keys are invalidated again when its reply is in (see `push`).
+                self.pending_guard = cache.begin_write(cmd);
+                self.forward(cmd, meta, false).await
+            }
         }
     }
 
@@ -973,14 +1062,29 @@ impl Reader {
         Ok(())
     }
 
-    /// Sends a command where the session's commands go now.
+    /// Sends a command where the session's commands go now, as the TTL policy plans it.
     async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        let plan = self.ctx.policy.load().ttl.plan(cmd, self.state.db);
+        let (args, tail) = match plan {
+            Plan::Forward => (&cmd.args, Vec::new()),
+            Plan::Rewrite(ref args) => (args, Vec::new()),
+            Plan::Guard(guards) if pinned_mode => (&cmd.args, guards),
+            Plan::Guard(guards) => {
+                // Atomic on the shared connection: MULTI, the command, PEXPIRE … NX, EXEC.
+                let batch = crate::ttl::guarded_batch(&cmd.args, guards);
+                return match self.queue_pooled_group(&batch).await? {
+                    Ok(rxs) => self.later(crate::ttl::guarded_reply(rxs), meta).await,
+                    Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+                };
+            }
+        };
         if pinned_mode {
             let replies = self.expected_replies(1);
-            self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+            let extra = PinnedExtra { tail, ..Default::default() };
+            self.send_pinned_ext(&[], args, replies, meta, None, extra).await?;
             Ok(())
         } else {
-            self.send_pooled(&cmd.args, meta).await
+            self.send_pooled(args, meta).await
         }
     }
 
@@ -1147,6 +1251,20 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+/// What `send_pinned_ext` adds to a command on the dedicated connection.
+#[derive(Default)]
+struct PinnedExtra {
+    /// sidecache's own commands sent right after the client's; their replies are not shown.
+    tail: Vec<Vec<Bytes>>,
+    /// Elements of this `EXEC`'s reply that answer sidecache's own queued commands.
+    strip: Vec<usize>,
+}
+
+/// Commands Redis runs at once inside `MULTI` instead of queuing them.
+fn not_queued(args: &[Bytes]) -> bool {
+    args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"MULTI") || n.eq_ignore_ascii_case(b"WATCH"))
 }
 
 struct Hello {
@@ -1332,7 +1450,7 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
-                Slot::Pinned { count, skip, meta, mut report, monitor, guard } => {
+                Slot::Pinned { count, skip, tail, strip, meta, mut report, monitor, guard } => {
                     let mut seen = 0;
                     while seen < count {
                         let frame = match self.pinned.as_mut().map(|rx| rx.try_recv()) {
@@ -1359,7 +1477,8 @@ impl Writer {
                             self.out.extend_from_slice(&frame);
                             continue;
                         }
-                        if seen >= skip {
+                        if seen >= skip && seen + tail < count {
+                            let frame = if strip.is_empty() { frame } else { crate::ttl::strip_exec(&frame, &strip) };
                             if let Some(tx) = report.take() {
                                 let _ = tx.send(frame.clone());
                             }

@@ -595,3 +595,29 @@ async fn concurrent_misses_on_one_key_make_one_upstream_read() {
     };
     assert_eq!(calls(&gets_after) - calls(&gets_before), 1, "ten concurrent misses, one GET reached Redis");
 }
+
+#[tokio::test]
+async fn writes_rewritten_by_the_ttl_policy_are_still_read_back() {
+    let redis = RedisServer::start();
+    let mut c = test_config(&redis.url());
+    cached(&mut c, "master:");
+    c.ttl.rules = vec![sidecache::ttl::TtlRuleConfig {
+        name: Some("master".into()),
+        prefix: "master:".into(),
+        db: None,
+        default: Duration::from_secs(3600),
+        max: None,
+    }];
+    let a = Proxy::start_config(c).await;
+    wait_coherent(&a).await;
+    let mut c = a.client().await;
+    for i in 0..50 {
+        // SET is rewritten with PX; HSET is wrapped in MULTI … PEXPIRE NX … EXEC.
+        c.cmd(&["SET", "master:t", &i.to_string()]).await;
+        assert_eq!(c.cmd(&["GET", "master:t"]).await, bulk(&i.to_string()));
+        c.cmd(&["HSET", "master:h", "f", &i.to_string()]).await;
+        assert_eq!(c.cmd(&["HGET", "master:h", "f"]).await, bulk(&i.to_string()));
+    }
+    let ttl = c.cmd(&["PTTL", "master:h"]).await;
+    assert!(ttl.starts_with(b":") && ttl != b(":-1\r\n"), "the policy gave the hash a TTL: {ttl:?}");
+}
