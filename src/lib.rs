@@ -10,13 +10,15 @@
 //!    commands, within limits (bulk size, argument count, inline length, deadline).
 //! 3. [`command`] classifies each: stateless, connection state (`SELECT`, `AUTH`, `HELLO`,
 //!    `CLIENT SETNAME`), transaction, pub/sub, blocking, or refused by policy.
-//! 4. The session answers locally, queues stateless commands on a multiplexed [`upstream`]
+//! 4. Plain reads of cached keys are answered by the [`cache`] (kept coherent by its
+//!    invalidation link) or filled from Redis; writes invalidate their keys before and after
+//!    they run, and [`ttl`] gives key-creating writes their prefix's default TTL.
+//! 5. The session answers locally, queues stateless commands on a multiplexed [`upstream`]
 //!    connection shared by every client with the same (user, database, protocol), or uses a
 //!    dedicated connection when the semantics need one (`MULTI`, `SUBSCRIBE`, `BLPOP`…).
-//! 5. Replies come back as the exact bytes Redis sent, framed by [`protocol::reply`]; the
+//! 6. Replies come back as the exact bytes Redis sent, framed by [`protocol::reply`]; the
 //!    session's writer puts them back in request order and writes each batch in one write.
-//!    Key-creating writes pass through the [`ttl`] policy first (default TTL by key prefix).
-//! 6. [`metrics`] counts everything; [`admin`] serves `/metrics`, `/livez` and `/readyz`.
+//! 7. [`metrics`] counts everything; [`admin`] serves `/metrics`, `/livez` and `/readyz`.
 //!
 //! [`config`] loads and validates the configuration; `main.rs` is only CLI, config and signals.
 
