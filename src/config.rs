@@ -50,6 +50,18 @@ pub const DEFAULT_FRAME_DEADLINE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_OUTPUT: u64 = 256 * 1024 * 1024;
 /// Default commands in flight per client before sidecache stops reading it.
 pub const DEFAULT_MAX_PIPELINE: usize = 1024;
+/// Default prefix of lock keys (`lock:<name>`).
+pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
+/// Default longest lease a client may ask for.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(600);
+/// Default prefix of serial counters (`serial:<name>`).
+pub const DEFAULT_SERIAL_PREFIX: &str = "serial:";
+/// Default key of the fence counter shared by every lock.
+pub const DEFAULT_FENCE_KEY: &str = "sidecache:lock:fence";
+/// Default pub/sub channel on which releases are announced.
+pub const DEFAULT_LOCK_CHANNEL: &str = "sidecache:lock:released";
+/// Default longest time a waiter goes without re-checking its lock when no release is heard.
+pub const DEFAULT_LOCK_RECHECK: Duration = Duration::from_secs(1);
 /// Commands denied by default.
 pub const DEFAULT_DENY: [&str; 3] = ["DEBUG", "SHUTDOWN", "MONITOR"];
 
@@ -88,6 +100,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Commands refused by policy.
     pub security: SecurityConfig,
+    /// Distributed locks and serial numbers.
+    pub locks: LocksConfig,
 }
 
 /// `[upstream]`.
@@ -154,6 +168,64 @@ pub struct SecurityConfig {
     pub deny: Vec<String>,
 }
 
+/// `[locks]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    /// Prefix of the Redis key holding a lock (`lock:<name>`).
+    pub key_prefix: String,
+    /// Longest lease `LOCK.ACQUIRE`/`LOCK.EXTEND` accept.
+    #[serde(with = "duration")]
+    pub max_lease: Duration,
+    /// Prefix of the Redis key holding a serial counter (`serial:<name>`).
+    pub serial_prefix: String,
+    /// Key of the one fence counter shared by every lock and every sidecache instance.
+    pub fence_key: String,
+    /// Pub/sub channel on which releases are announced to waiters on every instance.
+    pub channel: String,
+    /// Longest time a waiter goes without re-checking its lock when no release is heard (a lost
+    /// pub/sub message then costs this much latency, never correctness).
+    #[serde(with = "duration")]
+    pub recheck: Duration,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            key_prefix: DEFAULT_LOCK_PREFIX.into(),
+            max_lease: DEFAULT_MAX_LEASE,
+            serial_prefix: DEFAULT_SERIAL_PREFIX.into(),
+            fence_key: DEFAULT_FENCE_KEY.into(),
+            channel: DEFAULT_LOCK_CHANNEL.into(),
+            recheck: DEFAULT_LOCK_RECHECK,
+        }
+    }
+}
+
+impl LocksConfig {
+    /// Adds every problem with `[locks]` to `problems`.
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.max_lease < Duration::from_millis(1) {
+            problems.push("locks.max_lease: must be at least 1ms".into());
+        }
+        if self.recheck < Duration::from_millis(1) {
+            problems.push("locks.recheck: must be at least 1ms".into());
+        }
+        if self.fence_key.is_empty() {
+            problems.push("locks.fence_key: must not be empty".into());
+        }
+        if self.channel.is_empty() {
+            problems.push("locks.channel: must not be empty".into());
+        }
+        if self.key_prefix == self.serial_prefix {
+            problems.push("locks.serial_prefix: must differ from locks.key_prefix".into());
+        }
+        if !self.key_prefix.is_empty() && self.fence_key.starts_with(&self.key_prefix) {
+            problems.push("locks.fence_key: must not start with locks.key_prefix (it would be a lock)".into());
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -165,6 +237,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             security: SecurityConfig::default(),
+            locks: LocksConfig::default(),
         }
     }
 }
@@ -229,7 +302,7 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 9] = [
+const ENV_KEYS: [(&str, &str); 10] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
@@ -239,6 +312,7 @@ const ENV_KEYS: [(&str, &str); 9] = [
     ("UPSTREAM__", "upstream."),
     ("LIMITS__", "limits."),
     ("SECURITY__", "security."),
+    ("LOCKS__", "locks."),
 ];
 
 /// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
@@ -357,6 +431,7 @@ impl Config {
                 problems.push(format!("security.deny: {name:?} is not a command name"));
             }
         }
+        self.locks.check(&mut problems);
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
         }

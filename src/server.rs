@@ -68,6 +68,8 @@ pub struct Context {
     pub policy: ArcSwap<Policy>,
     /// Metric handles.
     pub metrics: &'static Metrics,
+    /// Distributed locks and serial numbers, on connections of their own.
+    pub locks: Arc<crate::locks::Locks>,
 }
 
 /// Errors while starting.
@@ -132,12 +134,15 @@ impl Server {
             .password
             .as_ref()
             .map(|pass| Creds { user: target.username.clone().map(Into::into), pass: pass.clone().into() });
+        let lock_upstream = Upstream::new(endpoint.clone(), creds.clone(), target.db, 1, config.upstream.max_backoff);
+        let locks = Arc::new(crate::locks::Locks::new(&config.locks, lock_upstream));
         let upstream =
             Arc::new(Upstream::new(endpoint, creds, target.db, config.upstream.pool_size, config.upstream.max_backoff));
         let ctx = Arc::new(Context {
             upstream,
             policy: ArcSwap::from_pointee(Policy::from_config(&config)),
             metrics: Metrics::get(),
+            locks,
         });
         Ok(Server { listener, admin, ctx, config })
     }
@@ -164,6 +169,7 @@ impl Server {
         let metrics_handle = crate::metrics::install();
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), metrics_handle, background.clone()));
         tokio::spawn(ctx.upstream.clone().health_loop(Duration::from_secs(1), background.clone()));
+        tokio::spawn(ctx.locks.clone().listen(background.clone()));
 
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_clients));
@@ -207,6 +213,8 @@ impl Server {
             });
         }
         drop(listener);
+        // Waiting for a lock ends now; held locks are released as their clients' sessions end.
+        ctx.locks.stop_waiting();
         tracker.close();
         tracing::info!(clients = tracker.len(), grace = ?config.shutdown_grace, "Shutting down; letting clients finish.");
         if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
