@@ -57,14 +57,22 @@ struct Round {
 
 fn round(mut samples: Vec<Duration>, total: Duration) -> Round {
     samples.sort();
-    Round { per_second: samples.len() as f64 / total.as_secs_f64(), p50: percentile(&samples, 0.5), p99: percentile(&samples, 0.99) }
+    Round {
+        per_second: samples.len() as f64 / total.as_secs_f64(),
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+    }
 }
 
 fn report(name: &str, rounds: Vec<Round>) {
     let rate = median(rounds.iter().map(|r| r.per_second).collect());
     let p50 = median(rounds.iter().map(|r| r.p50).collect());
     let p99 = median(rounds.iter().map(|r| r.p99).collect());
-    println!("{name:<48} {rate:>9.0}/s   p50 {:>8.1} µs   p99 {:>8.1} µs", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    println!(
+        "{name:<48} {rate:>9.0}/s   p50 {:>8.1} µs   p99 {:>8.1} µs",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
 }
 
 async fn uncontended(client: &mut Client, pairs: usize, round_no: usize) -> Round {

@@ -32,7 +32,7 @@
 //! All local timing (deadlines, renewal, lost-lease detection) uses monotonic clocks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -437,6 +437,10 @@ pub struct Locks {
     /// the applications use (a small, application-defined set).
     serial_high: Mutex<HashMap<Bytes, i64>>,
     stopping: CancellationToken,
+    /// Set by the first waiter: the release subscription is opened then, so an instance whose
+    /// clients never wait costs Redis no connection for it.
+    subscribe_wanted: AtomicBool,
+    subscribe_now: Notify,
     ttl_for: OnceLock<TtlLookup>,
     metrics: &'static LockMetrics,
 }
@@ -459,6 +463,8 @@ impl Locks {
             fence_high: AtomicI64::new(0),
             serial_high: Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
+            subscribe_wanted: AtomicBool::new(false),
+            subscribe_now: Notify::new(),
             ttl_for: OnceLock::new(),
             metrics: LockMetrics::get(),
         }
@@ -521,7 +527,10 @@ impl Locks {
                 self.fence_high.fetch_max(fence, Ordering::Relaxed);
                 if v[2] == 1 {
                     self.metrics.fence_regressions.increment(1);
-                    tracing::warn!(fence, "The fence counter was behind this instance's fences (Redis lost data); moved it past them.");
+                    tracing::warn!(
+                        fence,
+                        "The fence counter was behind this instance's fences (Redis lost data); moved it past them."
+                    );
                 }
                 Ok(Ok(fence))
             }
@@ -539,6 +548,9 @@ impl Locks {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         queues.entry(name.clone()).or_default().push_back(me.clone());
         self.metrics.waiters.increment(1.0);
+        if !self.subscribe_wanted.swap(true, Ordering::Relaxed) {
+            self.subscribe_now.notify_one();
+        }
         QueueGuard { locks: self, name: name.clone(), me }
     }
 
@@ -655,10 +667,16 @@ impl Locks {
         }
     }
 
-    /// Listens for release announcements until `stop` fires, reconnecting with backoff. Each
-    /// time the subscription is (re)established, every first waiter re-checks its lock, since
-    /// announcements made meanwhile were not heard.
+    /// Listens for release announcements until `stop` fires, from the first wait on, and
+    /// reconnects with backoff. Each time the subscription is (re)established, every first
+    /// waiter re-checks its lock, since announcements made meanwhile were not heard.
     pub async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        if !self.subscribe_wanted.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.subscribe_now.notified() => {}
+            }
+        }
         let mut failures = 0u32;
         loop {
             let mut subscribed = false;
@@ -666,11 +684,13 @@ impl Locks {
                 _ = stop.cancelled() => return,
                 r = self.subscribe(&mut subscribed) => r,
             };
+            self.wake_all();
             if subscribed {
                 failures = 0;
+                tracing::warn!(error = %result, "Lock release subscription lost; reconnecting (waiters re-check meanwhile).");
+            } else {
+                tracing::debug!(error = %result, "Lock release subscription failed; retrying.");
             }
-            self.wake_all();
-            tracing::warn!(error = %result, "Lock release subscription lost; reconnecting (waiters re-check meanwhile).");
             failures += 1;
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -899,14 +919,18 @@ impl SessionLocks {
         let cmds: Vec<Vec<Bytes>> = entries
             .into_iter()
             .map(|(token, entry)| {
-                let cmd = eval(RELEASE, &[locks.lock_key(&entry.name)], &[token, locks.channel.clone(), entry.name.clone()]);
+                let cmd =
+                    eval(RELEASE, &[locks.lock_key(&entry.name)], &[token, locks.channel.clone(), entry.name.clone()]);
                 self.inner.dropped(entry);
                 cmd
             })
             .collect();
         let patience = locks.upstream.endpoint().connect_timeout * 2;
         if tokio::time::timeout(patience, locks.call_many(&cmds)).await.is_err() {
-            tracing::warn!(locks = cmds.len(), "Could not release a closed connection's locks in time; their leases will end them.");
+            tracing::warn!(
+                locks = cmds.len(),
+                "Could not release a closed connection's locks in time; their leases will end them."
+            );
         }
     }
 }

@@ -531,7 +531,8 @@ async fn redis_restarting_under_held_locks_gives_clear_errors_and_a_correct_stat
     let lost = "the holder hears its lease was lost";
     until(&mut holder, &["LOCK.INFO", "restart"], lost, |r| r.starts_with(b"-LOCKLOST")).await;
     // Fences and serials keep going up although Redis forgot its counters.
-    let reply = until(&mut other, &["LOCK.ACQUIRE", "restart", "1000"], "locks work again", |r| !r.starts_with(b"-")).await;
+    let reply =
+        until(&mut other, &["LOCK.ACQUIRE", "restart", "1000"], "locks work again", |r| !r.starts_with(b"-")).await;
     let (_, next) = acquired(&reply).expect("the lost lock is free");
     assert!(next > fence, "fence {next} after {fence}");
     assert_eq!(other.cmd(&["SERIAL.NEXT", "restart"]).await, b(":51\r\n"));
