@@ -32,6 +32,8 @@ impl Drop for Redis {
     }
 }
 
+// The child is waited for in `Redis::drop`.
+#[allow(clippy::zombie_processes)]
 fn start_redis() -> Redis {
     let port = free_port();
     let child = Command::new("redis-server")
@@ -96,7 +98,8 @@ fn complete(buf: &[u8]) -> Option<usize> {
 async fn start_proxy(upstream: u16, stop: &CancellationToken) -> (u16, std::net::SocketAddr) {
     let mut c = Config { listen: "127.0.0.1:0".into(), admin_listen: "127.0.0.1:0".into(), ..Default::default() };
     c.upstream.url = format!("redis://127.0.0.1:{upstream}");
-    c.near_cache.rules = vec![CacheRuleConfig { name: "bench".into(), prefix: "bench:".into(), db: None, max_ttl: None }];
+    c.near_cache.rules =
+        vec![CacheRuleConfig { name: "bench".into(), prefix: "bench:".into(), db: None, max_ttl: None }];
     let server = sidecache::Server::bind(c).await.unwrap();
     let port = server.local_addr().port();
     let admin = server.admin_addr();

@@ -65,6 +65,18 @@ pub const DEFAULT_INVALIDATE_CHANNEL: &str = "sidecache:invalidate";
 /// Default longest life of an entry in `pubsub` mode, where writes that bypass sidecache are
 /// not seen.
 pub const DEFAULT_PUBSUB_MAX_TTL: Duration = Duration::from_secs(1);
+/// Default prefix of lock keys (`lock:<name>`).
+pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
+/// Default longest lease a client may ask for.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(600);
+/// Default prefix of serial counters (`serial:<name>`).
+pub const DEFAULT_SERIAL_PREFIX: &str = "serial:";
+/// Default key of the fence counter shared by every lock.
+pub const DEFAULT_FENCE_KEY: &str = "sidecache:lock:fence";
+/// Default pub/sub channel on which releases are announced.
+pub const DEFAULT_LOCK_CHANNEL: &str = "sidecache:lock:released";
+/// Default longest time a waiter goes without re-checking its lock when no release is heard.
+pub const DEFAULT_LOCK_RECHECK: Duration = Duration::from_secs(1);
 /// Commands denied by default.
 pub const DEFAULT_DENY: [&str; 3] = ["DEBUG", "SHUTDOWN", "MONITOR"];
 
@@ -107,6 +119,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// TTL policy by key prefix (`crate::ttl` owns the section).
     pub ttl: crate::ttl::TtlConfig,
+    /// Distributed locks and serial numbers.
+    pub locks: LocksConfig,
 }
 
 /// How the near-cache learns about writes.
@@ -312,6 +326,64 @@ pub struct SecurityConfig {
     pub deny: Vec<String>,
 }
 
+/// `[locks]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    /// Prefix of the Redis key holding a lock (`lock:<name>`).
+    pub key_prefix: String,
+    /// Longest lease `LOCK.ACQUIRE`/`LOCK.EXTEND` accept.
+    #[serde(with = "duration")]
+    pub max_lease: Duration,
+    /// Prefix of the Redis key holding a serial counter (`serial:<name>`).
+    pub serial_prefix: String,
+    /// Key of the one fence counter shared by every lock and every sidecache instance.
+    pub fence_key: String,
+    /// Pub/sub channel on which releases are announced to waiters on every instance.
+    pub channel: String,
+    /// Longest time a waiter goes without re-checking its lock when no release is heard (a lost
+    /// pub/sub message then costs this much latency, never correctness).
+    #[serde(with = "duration")]
+    pub recheck: Duration,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            key_prefix: DEFAULT_LOCK_PREFIX.into(),
+            max_lease: DEFAULT_MAX_LEASE,
+            serial_prefix: DEFAULT_SERIAL_PREFIX.into(),
+            fence_key: DEFAULT_FENCE_KEY.into(),
+            channel: DEFAULT_LOCK_CHANNEL.into(),
+            recheck: DEFAULT_LOCK_RECHECK,
+        }
+    }
+}
+
+impl LocksConfig {
+    /// Adds every problem with `[locks]` to `problems`.
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.max_lease < Duration::from_millis(1) {
+            problems.push("locks.max_lease: must be at least 1ms".into());
+        }
+        if self.recheck < Duration::from_millis(1) {
+            problems.push("locks.recheck: must be at least 1ms".into());
+        }
+        if self.fence_key.is_empty() {
+            problems.push("locks.fence_key: must not be empty".into());
+        }
+        if self.channel.is_empty() {
+            problems.push("locks.channel: must not be empty".into());
+        }
+        if self.key_prefix == self.serial_prefix {
+            problems.push("locks.serial_prefix: must differ from locks.key_prefix".into());
+        }
+        if !self.key_prefix.is_empty() && self.fence_key.starts_with(&self.key_prefix) {
+            problems.push("locks.fence_key: must not start with locks.key_prefix (it would be a lock)".into());
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -325,6 +397,7 @@ impl Default for Config {
             near_cache: NearCacheConfig::default(),
             security: SecurityConfig::default(),
             ttl: crate::ttl::TtlConfig::default(),
+            locks: LocksConfig::default(),
         }
     }
 }
@@ -389,7 +462,7 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 11] = [
+const ENV_KEYS: [(&str, &str); 12] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
@@ -401,6 +474,7 @@ const ENV_KEYS: [(&str, &str); 11] = [
     ("SECURITY__", "security."),
     ("NEAR_CACHE__", "near_cache."),
     ("TTL__", "ttl."),
+    ("LOCKS__", "locks."),
 ];
 
 /// Maps `SIDECACHE_FOO__BAR` to `foo.bar`; `None` for names that are not configuration (for
@@ -521,6 +595,7 @@ impl Config {
         }
         self.near_cache.check(&mut problems);
         problems.extend(self.ttl.problems());
+        self.locks.check(&mut problems);
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!("log_level: {:?} is not a valid log filter", self.log_level));
         }

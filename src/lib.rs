@@ -18,6 +18,7 @@
 //!    dedicated connection when the semantics need one (`MULTI`, `SUBSCRIBE`, `BLPOP`…).
 //! 6. Replies come back as the exact bytes Redis sent, framed by [`protocol::reply`]; the
 //!    session's writer puts them back in request order and writes each batch in one write.
+//!    Replies to sidecache's own `LOCK.*` and `SERIAL.NEXT` come from [`locks`], in order too.
 //! 7. [`metrics`] counts everything; [`admin`] serves `/metrics`, `/livez` and `/readyz`.
 //!
 //! [`config`] loads and validates the configuration; `main.rs` is only CLI, config and signals.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod cache;
 pub mod command;
 pub mod config;
+pub mod locks;
 pub mod metrics;
 pub mod protocol;
 pub mod reload;

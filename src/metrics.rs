@@ -276,3 +276,110 @@ impl Metrics {
         }
     }
 }
+
+/// `LOCK.ACQUIRE` outcomes, by outcome (`LockOutcome`).
+pub const LOCK_ACQUIRE_TOTAL: &str = "sidecache_lock_acquire_total";
+/// Time from a `LOCK.ACQUIRE`'s arrival to its outcome (acquired or timed out).
+pub const LOCK_WAIT: &str = "sidecache_lock_wait_seconds";
+/// Clients of this instance waiting for a lock (`LOCK.ACQUIRE … WAIT`).
+pub const LOCK_WAITERS: &str = "sidecache_lock_waiters";
+/// Locks held by this instance's clients.
+pub const LOCKS_HELD: &str = "sidecache_locks_held";
+/// `KEEPALIVE` leases whose renewal failed (reported to the holder on its next `LOCK.*` call).
+pub const LOCK_LEASES_LOST: &str = "sidecache_lock_leases_lost_total";
+/// Fence counters found below a fence this instance already handed out, and repaired.
+pub const LOCK_FENCE_REGRESSIONS: &str = "sidecache_lock_fence_regressions_total";
+/// Serial numbers handed out by `SERIAL.NEXT` (a `COUNT n` call counts n).
+pub const SERIAL_ISSUED: &str = "sidecache_serial_numbers_issued_total";
+/// Serial counters found below a number this instance already handed out, and repaired.
+pub const SERIAL_REGRESSIONS: &str = "sidecache_serial_regressions_total";
+
+/// How a `LOCK.ACQUIRE` ended: the closed label set of `sidecache_lock_acquire_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// The client got the lock.
+    Acquired,
+    /// The lock stayed held until the `WAIT` ran out (or at once, without `WAIT`).
+    Timeout,
+    /// Redis could not be asked, or answered with an error.
+    Error,
+}
+
+impl LockOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [LockOutcome; 3] = [LockOutcome::Acquired, LockOutcome::Timeout, LockOutcome::Error];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockOutcome::Acquired => "acquired",
+            LockOutcome::Timeout => "timeout",
+            LockOutcome::Error => "error",
+        }
+    }
+}
+
+static LOCK_METRICS: OnceLock<LockMetrics> = OnceLock::new();
+
+/// Handles of the lock and serial metrics, resolved once.
+pub struct LockMetrics {
+    acquire: [Counter; 3],
+    /// `sidecache_lock_wait_seconds`.
+    pub wait: Histogram,
+    /// `sidecache_lock_waiters`.
+    pub waiters: Gauge,
+    /// `sidecache_locks_held`.
+    pub held: Gauge,
+    /// `sidecache_lock_leases_lost_total`.
+    pub leases_lost: Counter,
+    /// `sidecache_lock_fence_regressions_total`.
+    pub fence_regressions: Counter,
+    /// `sidecache_serial_numbers_issued_total`.
+    pub serial_issued: Counter,
+    /// `sidecache_serial_regressions_total`.
+    pub serial_regressions: Counter,
+}
+
+impl LockMetrics {
+    /// The process-wide handles (installs the recorder and describes the metrics on first use).
+    pub fn get() -> &'static LockMetrics {
+        LOCK_METRICS.get_or_init(|| {
+            install();
+            describe_counter!(LOCK_ACQUIRE_TOTAL, "LOCK.ACQUIRE calls by outcome: acquired, timeout, error.");
+            describe_histogram!(
+                LOCK_WAIT,
+                metrics::Unit::Seconds,
+                "Time from a LOCK.ACQUIRE's arrival to the lock being acquired or the wait running out."
+            );
+            describe_gauge!(LOCK_WAITERS, "Clients of this instance waiting for a lock.");
+            describe_gauge!(LOCKS_HELD, "Locks held by clients of this instance.");
+            describe_counter!(LOCK_LEASES_LOST, "KEEPALIVE leases whose renewal failed.");
+            describe_counter!(LOCK_FENCE_REGRESSIONS, "Fence counters found behind this instance's fences, repaired.");
+            describe_counter!(SERIAL_ISSUED, "Serial numbers handed out by SERIAL.NEXT.");
+            describe_counter!(SERIAL_REGRESSIONS, "Serial counters found behind this instance's numbers, repaired.");
+            let m = LockMetrics {
+                acquire: LockOutcome::ALL.map(|o| counter!(LOCK_ACQUIRE_TOTAL, "outcome" => o.as_str())),
+                wait: histogram!(LOCK_WAIT),
+                waiters: gauge!(LOCK_WAITERS),
+                held: gauge!(LOCKS_HELD),
+                leases_lost: counter!(LOCK_LEASES_LOST),
+                fence_regressions: counter!(LOCK_FENCE_REGRESSIONS),
+                serial_issued: counter!(SERIAL_ISSUED),
+                serial_regressions: counter!(SERIAL_REGRESSIONS),
+            };
+            // Visible from the start, so rate() and alerts see zeros.
+            for c in m.acquire.iter().chain([&m.leases_lost, &m.fence_regressions, &m.serial_issued]) {
+                c.increment(0);
+            }
+            m.serial_regressions.increment(0);
+            m.held.increment(0.0);
+            m.waiters.increment(0.0);
+            m
+        })
+    }
+
+    /// Counts one `LOCK.ACQUIRE` outcome.
+    pub fn acquire(&self, outcome: LockOutcome) {
+        self.acquire[outcome as usize].increment(1);
+    }
+}

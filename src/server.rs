@@ -74,6 +74,8 @@ pub struct Context {
     pub metrics: &'static Metrics,
     /// The near-cache, when rules are configured and coherence is not off.
     pub cache: Option<Arc<NearCache>>,
+    /// Distributed locks and serial numbers, on connections of their own.
+    pub locks: Arc<crate::locks::Locks>,
 }
 
 /// Errors while starting.
@@ -139,6 +141,8 @@ impl Server {
             .password
             .as_ref()
             .map(|pass| Creds { user: target.username.clone().map(Into::into), pass: pass.clone().into() });
+        let lock_upstream = Upstream::new(endpoint.clone(), creds.clone(), target.db, 1, config.upstream.max_backoff);
+        let locks = Arc::new(crate::locks::Locks::new(&config.locks, lock_upstream));
         let upstream =
             Arc::new(Upstream::new(endpoint, creds, target.db, config.upstream.pool_size, config.upstream.max_backoff));
         let ctx = Arc::new(Context {
@@ -146,7 +150,12 @@ impl Server {
             policy: ArcSwap::from_pointee(Policy::from_config(&config)),
             metrics: Metrics::get(),
             cache: config.near_cache.active().then(|| NearCache::new(&config.near_cache)),
+            locks,
         });
+        // Serial counters are keys sidecache creates: the live TTL policy applies to them.
+        let weak = Arc::downgrade(&ctx);
+        let db = target.db;
+        ctx.locks.set_counter_ttl(Box::new(move |key| weak.upgrade()?.policy.load().ttl.default_for(key, db)));
         Ok(Server { listener, admin, ctx, config })
     }
 
@@ -175,6 +184,7 @@ impl Server {
         if let Some(cache) = &ctx.cache {
             tokio::spawn(crate::cache::link::run(cache.clone(), ctx.upstream.clone(), background.clone()));
         }
+        tokio::spawn(ctx.locks.clone().listen(background.clone()));
 
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_clients));
@@ -218,6 +228,8 @@ impl Server {
             });
         }
         drop(listener);
+        // Waiting for a lock ends now; held locks are released as their clients' sessions end.
+        ctx.locks.stop_waiting();
         tracker.close();
         tracing::info!(clients = tracker.len(), grace = ?config.shutdown_grace, "Shutting down; letting clients finish.");
         if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {

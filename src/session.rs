@@ -204,6 +204,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
     let awaiting = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone(), awaiting.clone()));
     let initial = ctx.upstream.initial_key();
+    let locks = crate::locks::SessionLocks::new(ctx.locks.clone());
     let mut session = Reader {
         ctx,
         id,
@@ -219,6 +220,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         pool: None,
         pending_guard: None,
         multi_guard: None,
+        locks: locks.clone(),
     };
     let stop = session.run(rd, &kill, &shutdown).await;
     match stop {
@@ -239,6 +241,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
             drop(session);
         }
     }
+    // Leases are tied to the connection: give its locks back now, not when they expire.
+    locks.close().await;
 }
 
 struct Reader {
@@ -262,6 +266,8 @@ struct Reader {
     pending_guard: Option<WriteGuard>,
     /// Keys written by the commands queued in the current transaction.
     multi_guard: Option<WriteGuard>,
+    /// Locks this connection holds (`LOCK.*`).
+    locks: crate::locks::SessionLocks,
 }
 
 impl Reader {
@@ -812,6 +818,9 @@ impl Reader {
                 let reply = crate::cache::command::run(self.ctx.cache.as_deref(), &self.who(), cmd);
                 self.local(reply, meta).await
             }
+            b"LOCK.ACQUIRE" | b"LOCK.RELEASE" | b"LOCK.EXTEND" | b"LOCK.INFO" | b"SERIAL.NEXT" => {
+                self.lock_command(cmd, meta).await
+            }
             _ => self.forward(cmd, meta, pinned_mode).await,
         }
     }
@@ -1063,6 +1072,34 @@ impl Reader {
     }
 
     /// Sends a command where the session's commands go now, as the TTL policy plans it.
+    /// `LOCK.*` and `SERIAL.NEXT` (see `locks`): argument errors at once, the rest when its
+    /// turn comes, without holding up the reader (a `WAIT` only delays this client's replies).
+    async fn lock_command(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
+        if self.state.in_multi {
+            let msg = format!("ERR '{}' cannot be used inside MULTI", cmd.display_name());
+            return self.local(encode::error(&msg), meta).await;
+        }
+        let reply = match self.locks.command(cmd, self.state.proto) {
+            Ok(reply) => reply,
+            Err(e) => return self.local(e, meta).await,
+        };
+        let reply = match self.state.reply_mode {
+            ReplyMode::On => reply,
+            mode => {
+                // It runs, but its reply is not shown (CLIENT REPLY OFF|SKIP).
+                if mode == ReplyMode::SkipNext {
+                    self.state.reply_mode = ReplyMode::On;
+                }
+                Box::pin(async move {
+                    reply.await;
+                    (Bytes::new(), 0)
+                })
+            }
+        };
+        self.later(reply, meta).await
+    }
+
+    /// Sends a command where the session's commands go now.
     async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
         let plan = self.ctx.policy.load().ttl.plan(cmd, self.state.db);
         let (args, tail) = match plan {

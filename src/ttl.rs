@@ -422,6 +422,16 @@ impl TtlPolicy {
         self.mode != TtlMode::Off && !self.rules.is_empty()
     }
 
+    /// The TTL a key created now would get in `enforce` mode (for keys sidecache creates
+    /// itself, such as serial counters); `None` when no rule applies or the policy is not
+    /// enforced.
+    pub fn default_for(&self, key: &[u8], db: u32) -> Option<std::time::Duration> {
+        if self.mode != TtlMode::Enforce {
+            return None;
+        }
+        self.rule(key, db).map(|r| std::time::Duration::from_millis(r.default_ms))
+    }
+
     fn rule(&self, key: &[u8], db: u32) -> Option<&Rule> {
         self.rules.iter().find(|r| key.starts_with(&r.prefix) && r.db.is_none_or(|d| d == db))
     }

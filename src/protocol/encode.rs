@@ -97,6 +97,39 @@ pub fn null(proto: Proto) -> Bytes {
     }
 }
 
+/// The null of an array-shaped reply: `*-1` in RESP2 (what `BLPOP` answers on timeout), `_` in RESP3.
+pub fn null_array(proto: Proto) -> Bytes {
+    match proto {
+        Proto::Resp2 => Bytes::from_static(b"*-1\r\n"),
+        Proto::Resp3 => encode3(&Frame3::Null),
+    }
+}
+
+/// An array of already encoded replies.
+pub fn array(items: &[Bytes]) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + items.iter().map(Bytes::len).sum::<usize>());
+    put_len(&mut out, b'*', items.len());
+    for item in items {
+        out.put_slice(item);
+    }
+    out.freeze()
+}
+
+/// Named integers: a map in RESP3, a flat `[name, value, …]` array in RESP2 (as Redis answers
+/// `HELLO` or `XINFO` for each protocol).
+pub fn int_fields(proto: Proto, fields: &[(&str, i64)]) -> Bytes {
+    let mut out = BytesMut::new();
+    match proto {
+        Proto::Resp2 => put_len(&mut out, b'*', fields.len() * 2),
+        Proto::Resp3 => put_len(&mut out, b'%', fields.len()),
+    }
+    for (name, value) in fields {
+        out.put_slice(&bulk(name.as_bytes()));
+        out.put_slice(&integer(*value));
+    }
+    out.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +143,9 @@ mod tests {
         assert_eq!(bulk(b"ab"), Bytes::from_static(b"$2\r\nab\r\n"));
         assert_eq!(integer(-3), Bytes::from_static(b":-3\r\n"));
         assert_eq!(simple("OK"), Bytes::from_static(b"+OK\r\n"));
+        assert_eq!(null_array(Proto::Resp2), Bytes::from_static(b"*-1\r\n"));
+        assert_eq!(array(&[bulk(b"t"), integer(7)]), Bytes::from_static(b"*2\r\n$1\r\nt\r\n:7\r\n"));
+        assert_eq!(int_fields(Proto::Resp2, &[("a", 1)]), Bytes::from_static(b"*2\r\n$1\r\na\r\n:1\r\n"));
+        assert_eq!(int_fields(Proto::Resp3, &[("a", 1)]), Bytes::from_static(b"%1\r\n$1\r\na\r\n:1\r\n"));
     }
 }
