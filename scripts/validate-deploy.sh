@@ -20,5 +20,6 @@ echo "validate: promtool check rules / test rules"
 promtool check rules config/prometheus/alerts.yml
 promtool test rules config/prometheus/alerts_test.yml
 echo "validate: scripts/check-deploy.py"
-python3 scripts/check-deploy.py
+# Every metric family the dashboard and alerts use must be one sidecache exports.
+python3 scripts/check-deploy.py --require-exported
 echo "validate: deployment artifacts ok"
