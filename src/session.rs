@@ -378,14 +378,7 @@ impl Reader {
                 Box::pin(async move {
                     let reply = rx.await;
                     drop(guard);
-                    match reply {
-                        Ok(Ok(bytes)) => {
-                            let n = bytes.len();
-                            (bytes, n)
-                        }
-                        Ok(Err(e)) => (e.to_reply(), 0),
-                        Err(_) => (UpstreamError::Lost.to_reply(), 0),
-                    }
+                    charged_reply(reply)
                 }),
                 meta,
             ),
@@ -889,14 +882,7 @@ impl Reader {
         let budget = self.budget.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let (bytes, charged) = match read.await {
-                Ok(Ok(b)) => {
-                    let n = b.len();
-                    (b, n)
-                }
-                Ok(Err(e)) => (e.to_reply(), 0),
-                Err(_) => (UpstreamError::Lost.to_reply(), 0),
-            };
+            let (bytes, charged) = charged_reply(read.await);
             let mut pttls = Vec::with_capacity(ttls.len());
             for t in ttls {
                 let t = match t {
@@ -1582,6 +1568,19 @@ impl Writer {
             self.out.clear();
         }
         Ok(())
+    }
+}
+
+/// A multiplexed connection's reply as the bytes to write and the budget bytes they were
+/// charged (errors sidecache writes itself were never charged).
+fn charged_reply(r: Result<crate::upstream::mux::Reply, oneshot::error::RecvError>) -> (Bytes, usize) {
+    match r {
+        Ok(Ok(bytes)) => {
+            let n = bytes.len();
+            (bytes, n)
+        }
+        Ok(Err(e)) => (e.to_reply(), 0),
+        Err(_) => (UpstreamError::Lost.to_reply(), 0),
     }
 }
 

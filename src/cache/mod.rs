@@ -94,6 +94,7 @@ struct Rule {
 }
 
 /// One cached reply of one key.
+#[derive(Clone)]
 struct Item {
     user: Bytes,
     db: u32,
@@ -658,14 +659,7 @@ impl Fill {
                             .filter(|i| {
                                 i.expires > now && !(i.db == item.db && i.user == item.user && i.view == item.view)
                             })
-                            .map(|i| Item {
-                                user: i.user.clone(),
-                                db: i.db,
-                                view: i.view.clone(),
-                                rule: i.rule,
-                                stored: i.stored.clone(),
-                                expires: i.expires,
-                            }),
+                            .cloned(),
                     );
                 }
                 items.push(item);
