@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates the shipping artifacts (issue 6): Dockerfile, Kubernetes manifests, Prometheus
-# alerts and their unit tests, the Grafana dashboard's metrics and PromQL. Installs the
-# validators first when they are missing (scripts/ensure-deploy-tools.sh).
+# alerts and their unit tests, the Grafana dashboard's metrics and PromQL, and the README's
+# configuration reference and config/sidecache.toml against the configuration code. Installs
+# the validators first when they are missing (scripts/ensure-deploy-tools.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deploy-tools.sh
@@ -21,5 +22,6 @@ promtool check rules config/prometheus/alerts.yml
 promtool test rules config/prometheus/alerts_test.yml
 echo "validate: scripts/check-deploy.py"
 # Every metric family the dashboard and alerts use must be one sidecache exports.
+# Every configuration key must be in the README's reference, with its real default.
 python3 scripts/check-deploy.py --require-exported
 echo "validate: deployment artifacts ok"
