@@ -143,7 +143,7 @@ fn describe() {
     describe_gauge!(COHERENCE_MODE, "1 for the coherence mode in use (tracking or pubsub).");
     describe_counter!(TTL_APPLIED, "Written keys given (or, in audit mode, due) their TTL rule's TTL, by rule.");
     describe_counter!(TTL_MISSING, "Key-creating writes to keys that match no TTL rule, by database.");
-    describe_counter!(TTL_UNENFORCED, "Writes to ruled keys the TTL policy cannot reach (scripts, other databases).");
+    describe_counter!(TTL_UNENFORCED, "Writes to ruled keys the TTL policy cannot reach (scripts).");
 }
 
 /// Handles of one near-cache rule.

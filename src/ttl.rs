@@ -17,6 +17,13 @@
 //!   `PEXPIRE <key> <default> NX` per ruled key, `EXEC`, queued back to back in one batch on the
 //!   shared connection; the client gets the command's own reply. `NX` (Redis 7.0) sets the TTL
 //!   only where the key has none, so an existing TTL is never shortened, extended or removed.
+//! - A write into a database named in the command (`COPY … DB n`, `MOVE key n`) is guarded the
+//!   same way, with a script in place of the `PEXPIRE`: `EVAL` of `PEXPIRE_NX_IN_DB`, which
+//!   `SELECT`s database n and runs `PEXPIRE <key> <default> NX` there. A `SELECT` inside a script
+//!   does not change the connection's database, and when n is not a database the script fails
+//!   before its `PEXPIRE` (as the write itself does), so no key of another database is touched.
+//!   A plain `SELECT n` … `SELECT <current>` in the transaction would not be safe: a refused
+//!   `SELECT n` (out of range) leaves the `PEXPIRE` running in the current database.
 //! - Inside the client's own `MULTI`, the `PEXPIRE`s are queued after the command and their
 //!   `+QUEUED` and `EXEC` elements are removed before the client sees them (see `strip_exec`).
 //! - On a dedicated connection outside a transaction (the client `WATCH`es keys, or uses
@@ -42,7 +49,11 @@ pub const MAX_RULE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// default `databases 16`); higher numbers get their series on first use.
 const EAGER_DBS: u32 = 16;
 /// The closed set of `reason` labels of `sidecache_ttl_unenforced_total`.
-pub const UNENFORCED_REASONS: [&str; 2] = ["script", "other_db"];
+pub const UNENFORCED_REASONS: [&str; 1] = ["script"];
+/// Sets the TTL of `KEYS[1]` in database `ARGV[1]` to `ARGV[2]` ms where it has none. The
+/// script's `SELECT` does not change the caller's database (Redis 2.8.12 and later); an invalid
+/// database fails the script before the `PEXPIRE`.
+const PEXPIRE_NX_IN_DB: &str = "redis.call('SELECT', ARGV[1]) return redis.call('PEXPIRE', KEYS[1], ARGV[2], 'NX')";
 
 /// What the policy does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -180,7 +191,7 @@ pub struct TtlPolicy {
     /// Longest prefix first; at equal length a database-specific rule before an unrestricted one.
     rules: Vec<Rule>,
     missing: Vec<Counter>,
-    unenforced: [Counter; 2],
+    unenforced: [Counter; UNENFORCED_REASONS.len()],
 }
 
 impl std::fmt::Debug for TtlPolicy {
@@ -196,8 +207,8 @@ pub enum Plan {
     Forward,
     /// Send these arguments instead (an appended `PX`, or a clamped TTL); same reply.
     Rewrite(Vec<Bytes>),
-    /// Send it unchanged, followed by these `PEXPIRE key ms NX` commands, atomically where the
-    /// connection allows it.
+    /// Send it unchanged, followed by these `PEXPIRE key ms NX` commands (or their script form
+    /// for another database), atomically where the connection allows it.
     Guard(Vec<Vec<Bytes>>),
 }
 
@@ -295,7 +306,7 @@ fn set_options(args: &[Bytes]) -> Option<SetOptions> {
 }
 
 /// Keys a key-creating write may leave without a TTL; `None` for every other command.
-fn written_keys<'a>(name: &[u8], args: &'a [Bytes], db: u32) -> Option<Written<'a>> {
+fn written_keys<'a>(name: &[u8], args: &'a [Bytes]) -> Option<Written<'a>> {
     let at = |i: usize| Some(Written::Keys(args.get(i).into_iter().collect()));
     match name {
         b"SETNX" | b"GETSET" | b"HSET" | b"HSETNX" | b"HMSET" | b"HINCRBY" | b"HINCRBYFLOAT" | b"SADD" | b"LPUSH"
@@ -304,18 +315,12 @@ fn written_keys<'a>(name: &[u8], args: &'a [Bytes], db: u32) -> Option<Written<'
         | b"SUNIONSTORE" | b"SINTERSTORE" | b"SDIFFSTORE" | b"ZUNIONSTORE" | b"ZINTERSTORE" | b"ZDIFFSTORE"
         | b"ZRANGESTORE" | b"GEOSEARCHSTORE" => at(1),
         b"SMOVE" | b"LMOVE" | b"RPOPLPUSH" | b"BLMOVE" | b"BRPOPLPUSH" | b"RENAME" | b"RENAMENX" | b"BITOP" => at(2),
-        b"COPY" => {
-            // COPY source destination [DB n] [REPLACE]: another database is out of reach of a
-            // PEXPIRE on this connection.
-            let other = args.iter().skip(3).position(|a| a.eq_ignore_ascii_case(b"DB")).and_then(|p| {
-                let n = parse_i64(args.get(3 + p + 1)?)?;
-                (n != i64::from(db)).then_some(())
-            });
-            match other {
-                Some(()) => Some(Written::OtherDb(args.get(2).into_iter().collect())),
-                None => at(2),
-            }
-        }
+        b"COPY" => match copy_db(args)? {
+            Some(n) => Some(Written::InDb(args.get(2).into_iter().collect(), n)),
+            None => at(2),
+        },
+        // MOVE key db: the key keeps its TTL, or has none, in database `db`.
+        b"MOVE" if args.len() == 3 => Some(Written::InDb(vec![&args[1]], db_index(&args[2])?)),
         b"MSET" | b"MSETNX" => Some(Written::Keys(args.iter().skip(1).step_by(2).collect())),
         b"SORT" => sort_store(args).map(|k| Written::Keys(vec![k])),
         b"GEORADIUS" | b"GEORADIUSBYMEMBER" => {
@@ -331,12 +336,37 @@ fn written_keys<'a>(name: &[u8], args: &'a [Bytes], db: u32) -> Option<Written<'
 }
 
 enum Written<'a> {
-    /// Guard these keys.
+    /// Guard these keys, in the session's database.
     Keys(Vec<&'a Bytes>),
-    /// Written in another database: counted, not guarded.
-    OtherDb(Vec<&'a Bytes>),
+    /// Guard these keys in the database the command names (whichever the session is in).
+    InDb(Vec<&'a Bytes>, u32),
     /// Declared keys of a script: counted, not guarded (scripts are not rewritten).
     Script(Vec<&'a Bytes>),
+}
+
+/// A database number as Redis accepts it (`SELECT`, `COPY … DB`, `MOVE`): a non-negative 32-bit
+/// integer. Anything else Redis refuses, and the command writes nothing.
+fn db_index(arg: &[u8]) -> Option<u32> {
+    u32::try_from(i32::try_from(parse_i64(arg)?).ok()?).ok()
+}
+
+/// `COPY source destination [DB n] [REPLACE]`, options in any order, the last `DB` wins (as in
+/// Redis): `Some(Some(n))` with a `DB` option, `Some(None)` without, `None` when Redis would
+/// refuse the options (then nothing is written).
+fn copy_db(args: &[Bytes]) -> Option<Option<u32>> {
+    let mut db = None;
+    let mut i = 3;
+    while i < args.len() {
+        if args[i].eq_ignore_ascii_case(b"REPLACE") {
+            i += 1;
+        } else if args[i].eq_ignore_ascii_case(b"DB") {
+            db = Some(db_index(args.get(i + 1)?)?);
+            i += 2;
+        } else {
+            return None;
+        }
+    }
+    Some(db)
 }
 
 /// `SORT key [BY p] [LIMIT o c] [GET p …] [ASC|DESC] [ALPHA] [STORE dest]`: the destination.
@@ -375,6 +405,18 @@ fn georadius_store(args: &[Bytes], from: usize) -> Option<&Bytes> {
 
 fn pexpire_nx(key: &Bytes, ms: u64) -> Vec<Bytes> {
     vec![Bytes::from_static(b"PEXPIRE"), key.clone(), num(ms), Bytes::from_static(b"NX")]
+}
+
+/// `PEXPIRE key ms NX` in database `db`, whichever database the connection is in.
+fn pexpire_nx_in(key: &Bytes, db: u32, ms: u64) -> Vec<Bytes> {
+    vec![
+        Bytes::from_static(b"EVAL"),
+        Bytes::from_static(PEXPIRE_NX_IN_DB.as_bytes()),
+        Bytes::from_static(b"1"),
+        key.clone(),
+        num(u64::from(db)),
+        num(ms),
+    ]
 }
 
 impl TtlPolicy {
@@ -443,6 +485,15 @@ impl TtlPolicy {
         }
     }
 
+    /// Counts a key written in a database the command names: that number is the client's and
+    /// Redis has not checked it yet, so only databases with eager series are counted (a label
+    /// per number a client makes up would not be a closed set).
+    fn count_missing_in_named(&self, db: u32) {
+        if let Some(c) = self.missing.get(db as usize) {
+            c.increment(1);
+        }
+    }
+
     fn count_unenforced(&self, reason: usize) {
         self.unenforced[reason].increment(1);
     }
@@ -501,32 +552,36 @@ impl TtlPolicy {
             }
             _ => {}
         }
-        let Some(written) = written_keys(name, args, db) else { return Plan::Forward };
-        match written {
-            Written::Keys(keys) => {
-                let mut guards = Vec::new();
+        let Some(written) = written_keys(name, args) else { return Plan::Forward };
+        let (keys, named_db) = match written {
+            Written::Keys(keys) => (keys, None),
+            Written::InDb(keys, n) => (keys, Some(n)),
+            Written::Script(keys) => {
                 for key in keys {
                     match self.rule(key, db) {
-                        Some(rule) => {
-                            rule.applied.increment(1);
-                            guards.push(pexpire_nx(key, rule.default_ms));
-                        }
+                        Some(_) => self.count_unenforced(0),
                         None => self.count_missing(db),
                     }
                 }
-                if guards.is_empty() { Plan::Forward } else { Plan::Guard(guards) }
+                return Plan::Forward;
             }
-            Written::OtherDb(keys) | Written::Script(keys) => {
-                let reason = if matches!(name, b"COPY") { 1 } else { 0 };
-                for key in keys {
-                    match self.rule(key, db) {
-                        Some(_) => self.count_unenforced(reason),
-                        None => self.count_missing(db),
-                    }
+        };
+        let mut guards = Vec::new();
+        for key in keys {
+            match (self.rule(key, named_db.unwrap_or(db)), named_db) {
+                (Some(rule), None) => {
+                    rule.applied.increment(1);
+                    guards.push(pexpire_nx(key, rule.default_ms));
                 }
-                Plan::Forward
+                (Some(rule), Some(n)) => {
+                    rule.applied.increment(1);
+                    guards.push(pexpire_nx_in(key, n, rule.default_ms));
+                }
+                (None, None) => self.count_missing(db),
+                (None, Some(n)) => self.count_missing_in_named(n),
             }
         }
+        if guards.is_empty() { Plan::Forward } else { Plan::Guard(guards) }
     }
 
     fn plan_set(&self, args: &[Bytes], db: u32) -> Plan {
@@ -741,10 +796,42 @@ mod tests {
         assert_eq!(guarded(&["bitop", "and", "k:d", "x", "y"]), ["k:d"]);
         assert_eq!(guarded(&["sort", "x", "by", "store", "get", "#", "limit", "0", "1", "store", "k:d"]), ["k:d"]);
         assert_eq!(guarded(&["georadius", "g", "1", "2", "3", "km", "count", "5", "any", "storedist", "k:d"]), ["k:d"]);
-        assert_eq!(guarded(&["copy", "x", "k:d", "db", "0"]), ["k:d"]);
-        assert_eq!(p.plan(&cmd(&["copy", "x", "k:d", "db", "3"]), 0), Plan::Forward);
+        assert_eq!(guarded(&["copy", "x", "k:d", "replace"]), ["k:d"]);
         assert_eq!(p.plan(&cmd(&["eval", "return 1", "1", "k:1"]), 0), Plan::Forward);
         assert_eq!(p.plan(&cmd(&["get", "k:1"]), 0), Plan::Forward);
+    }
+
+    #[test]
+    fn writes_into_a_named_database_are_guarded_there_by_the_rule_of_that_database() {
+        let p = policy(vec![rule("k:", None, 1, Some(5)), rule("d3:", Some(3), 7, None)]);
+        let script = |args: &[&str], db| match p.plan(&cmd(args), db) {
+            Plan::Guard(g) => g.iter().map(|c| strs(c)).collect::<Vec<_>>(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        let eval =
+            |key: &str, db: &str, ms: &str| ["EVAL", PEXPIRE_NX_IN_DB, "1", key, db, ms].map(String::from).to_vec();
+        assert_eq!(script(&["copy", "x", "k:d", "db", "3"], 0), [eval("k:d", "3", "1000")]);
+        assert_eq!(script(&["COPY", "x", "d3:d", "REPLACE", "DB", "3"], 0), [eval("d3:d", "3", "7000")]);
+        // The named database decides, also when it is the session's.
+        assert_eq!(script(&["copy", "x", "k:d", "db", "0"], 0), [eval("k:d", "0", "1000")]);
+        assert_eq!(p.plan(&cmd(&["copy", "x", "d3:d", "db", "1"]), 3), Plan::Forward);
+        // The last DB wins, as in Redis.
+        assert_eq!(script(&["copy", "x", "d3:d", "db", "1", "db", "3"], 0), [eval("d3:d", "3", "7000")]);
+        assert_eq!(script(&["move", "d3:k", "3"], 0), [eval("d3:k", "3", "7000")]);
+        assert_eq!(p.plan(&cmd(&["move", "d3:k", "1"]), 3), Plan::Forward);
+        // Options Redis refuses: nothing is written, nothing is sent but the command.
+        for bad in [
+            &["copy", "x", "k:d", "db"][..],
+            &["copy", "x", "k:d", "db", "-1"],
+            &["copy", "x", "k:d", "db", "2147483648"],
+            &["copy", "x", "k:d", "db", "x"],
+            &["copy", "x", "k:d", "replace", "nope"],
+            &["move", "k:k", "-1"],
+            &["move", "k:k"],
+            &["move", "k:k", "1", "2"],
+        ] {
+            assert_eq!(p.plan(&cmd(bad), 0), Plan::Forward, "{bad:?}");
+        }
     }
 
     #[test]

@@ -35,8 +35,8 @@ fn rules(c: &mut Config) {
 /// A client through sidecache, one straight to the Redis behind it (for setup and TTLs), and one
 /// to a policy-free Redis (the reference for replies).
 struct Rig {
-    _redis: RedisServer,
-    _plain_redis: RedisServer,
+    redis: RedisServer,
+    plain_redis: RedisServer,
     _proxy: Proxy,
     proxied: Client,
     direct: Client,
@@ -51,7 +51,7 @@ impl Rig {
         let proxied = proxy.client().await;
         let direct = Client::connect(&redis.addr()).await;
         let plain = Client::connect(&plain_redis.addr()).await;
-        Rig { _redis: redis, _plain_redis: plain_redis, _proxy: proxy, proxied, direct, plain }
+        Rig { redis, plain_redis, _proxy: proxy, proxied, direct, plain }
     }
 
     /// Through sidecache and to the reference: the replies must be identical.
@@ -71,6 +71,33 @@ impl Rig {
 
     async fn pttl(&mut self, key: &str) -> i64 {
         pttl(&mut self.direct, key).await
+    }
+
+    /// The key's PTTL in database `db` of the Redis behind sidecache, and of the reference.
+    async fn pttls_in(&self, db: &str, key: &str) -> (i64, i64) {
+        let mut out = [0; 2];
+        for (i, server) in [&self.redis, &self.plain_redis].into_iter().enumerate() {
+            let mut c = Client::connect(&server.addr()).await;
+            assert_eq!(c.cmd(&["SELECT", db]).await, b("+OK\r\n"));
+            out[i] = pttl(&mut c, key).await;
+        }
+        (out[0], out[1])
+    }
+
+    /// The key's PTTL in database `db` of the Redis behind sidecache.
+    async fn pttl_in(&self, db: &str, key: &str) -> i64 {
+        self.pttls_in(db, key).await.0
+    }
+
+    /// Setup in database `db` of both Redis servers, without the policy.
+    async fn setup_in(&self, db: &str, args: &[&str]) {
+        let mut replies = Vec::new();
+        for server in [&self.redis, &self.plain_redis] {
+            let mut c = Client::connect(&server.addr()).await;
+            assert_eq!(c.cmd(&["SELECT", db]).await, b("+OK\r\n"));
+            replies.push(c.cmd(args).await);
+        }
+        assert_eq!(replies[0], replies[1], "setup in db {db}: {args:?}");
     }
 
     /// Switches every connection to RESP3 (the HELLO replies name different servers).
@@ -537,6 +564,238 @@ async fn rules_restricted_to_a_database_apply_only_there() {
     assert!(rig.pttl("t:db1").await > 0);
 }
 
+/// A default TTL, as the `t:` rule gives it.
+fn is_default(ttl: i64) -> bool {
+    ttl > 0 && ttl <= DEFAULT_MS
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_another_database_gives_the_destination_the_rule_of_that_database() {
+    let mut rig = Rig::start().await;
+    rig.setup(&["SET", "src:cdb", "v"]).await;
+    assert_eq!(rig.both(&["COPY", "src:cdb", "t:cdb:new", "DB", "2"]).await, b(":1\r\n"));
+    let ttl = rig.pttl_in("2", "t:cdb:new").await;
+    assert!(is_default(ttl), "the copy in db 2 got the default: {ttl}");
+    assert_eq!(rig.pttl_in("0", "t:cdb:new").await, -2, "nothing was written in the session's database");
+    assert_eq!(rig.pttl("src:cdb").await, -1, "the unruled source is untouched");
+    // The rule is the destination database's: the db 2 rule applies to a copy into db 2 made
+    // from db 0, and not to a copy into db 1.
+    rig.both(&["COPY", "src:cdb", "d2:cdb", "DB", "2"]).await;
+    let ttl = rig.pttl_in("2", "d2:cdb").await;
+    assert!(ttl > 0 && ttl <= 50_000, "d2:cdb in db 2 got the db 2 rule's default: {ttl}");
+    rig.both(&["COPY", "src:cdb", "d2:cdb", "DB", "1"]).await;
+    assert_eq!(rig.pttl_in("1", "d2:cdb").await, -1, "the db 2 rule does not apply in db 1");
+    rig.both(&["COPY", "src:cdb", "u:cdb", "REPLACE", "DB", "2"]).await;
+    assert_eq!(rig.pttl_in("2", "u:cdb").await, -1, "an unruled destination gets no TTL");
+    // From db 2: its rule does not follow the session into db 1; db 0 gets db 0's rule.
+    rig.select("2").await;
+    rig.setup(&["SET", "src:cdb2", "v"]).await;
+    rig.both(&["COPY", "src:cdb2", "d2:from2", "DB", "1"]).await;
+    assert_eq!(rig.pttl_in("1", "d2:from2").await, -1, "the session's db 2 rule is not the destination's");
+    rig.both(&["COPY", "src:cdb2", "t:from2", "DB", "0"]).await;
+    assert!(is_default(rig.pttl_in("0", "t:from2").await));
+    // DB naming the session's own database.
+    rig.both(&["COPY", "src:cdb2", "d2:same", "DB", "2"]).await;
+    let ttl = rig.pttl_in("2", "d2:same").await;
+    assert!(ttl > 0 && ttl <= 50_000, "{ttl}");
+    // The last DB option wins, as in Redis.
+    rig.both(&["COPY", "src:cdb2", "t:last", "DB", "2", "DB", "3"]).await;
+    assert_eq!(rig.pttls_in("2", "t:last").await, (-2, -2));
+    assert!(is_default(rig.pttl_in("3", "t:last").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_another_database_keeps_every_existing_ttl() {
+    let mut rig = Rig::start().await;
+    // A source with a TTL: the copy has that TTL, in Redis and through sidecache.
+    rig.setup(&["SET", "src:ttl", "v", "PX", "500000"]).await;
+    assert_eq!(rig.both(&["COPY", "src:ttl", "t:ttl:c", "DB", "2"]).await, b(":1\r\n"));
+    let (ttl, redis_ttl) = rig.pttls_in("2", "t:ttl:c").await;
+    assert!(redis_ttl > 400_000, "Redis copies the TTL: {redis_ttl}");
+    assert!(ttl > 400_000 && ttl <= 500_000, "the copied TTL stays: {ttl}");
+    // A copied TTL above max is not clamped, in another database as in the same one: only
+    // explicit TTLs in the client's command are.
+    rig.setup(&["SET", "src:long", "v", "PX", "5000000"]).await;
+    rig.both(&["COPY", "src:long", "t:long:same"]).await;
+    rig.both(&["COPY", "src:long", "t:long:other", "DB", "2"]).await;
+    assert!(rig.pttl_in("0", "t:long:same").await > 4_000_000);
+    assert!(rig.pttl_in("2", "t:long:other").await > 4_000_000);
+
+    rig.setup(&["SET", "src:plain", "v"]).await;
+    // REPLACE of a destination with a TTL by a source without: Redis drops the TTL, the default applies.
+    rig.setup_in("2", &["SET", "t:rep:1", "old", "PX", "500000"]).await;
+    assert_eq!(rig.both(&["COPY", "src:plain", "t:rep:1", "DB", "2", "REPLACE"]).await, b(":1\r\n"));
+    let (ttl, redis_ttl) = rig.pttls_in("2", "t:rep:1").await;
+    assert_eq!(redis_ttl, -1);
+    assert!(is_default(ttl), "{ttl}");
+    // REPLACE by a source with a TTL: the source's TTL.
+    rig.setup_in("2", &["SET", "t:rep:2", "old"]).await;
+    rig.both(&["COPY", "src:ttl", "t:rep:2", "REPLACE", "DB", "2"]).await;
+    let ttl = rig.pttl_in("2", "t:rep:2").await;
+    assert!(ttl > 400_000 && ttl <= 500_000, "{ttl}");
+
+    // COPY answering 0 (the destination exists): its TTL stays; one without a TTL gets the
+    // default, as after a same-database COPY answering 0 and every other write.
+    rig.setup_in("2", &["SET", "t:zero:1", "old", "PX", "500000"]).await;
+    assert_eq!(rig.both(&["COPY", "src:plain", "t:zero:1", "DB", "2"]).await, b(":0\r\n"));
+    let ttl = rig.pttl_in("2", "t:zero:1").await;
+    assert!(ttl > 400_000 && ttl <= 500_000, "not shortened: {ttl}");
+    rig.setup_in("2", &["SET", "t:zero:2", "old"]).await;
+    assert_eq!(rig.both(&["COPY", "src:plain", "t:zero:2", "DB", "2"]).await, b(":0\r\n"));
+    assert!(is_default(rig.pttl_in("2", "t:zero:2").await));
+    rig.setup(&["SET", "t:zero:3", "old"]).await;
+    assert_eq!(rig.both(&["COPY", "src:plain", "t:zero:3"]).await, b(":0\r\n"));
+    assert!(is_default(rig.pttl_in("0", "t:zero:3").await), "same database: the same rule");
+    assert_eq!(rig.both(&["COPY", "src:none", "t:zero:4", "DB", "2"]).await, b(":0\r\n"));
+    assert_eq!(rig.pttl_in("2", "t:zero:4").await, -2, "no source, nothing created");
+    rig.select("2").await;
+    assert_eq!(rig.both(&["GET", "t:zero:1"]).await, b("$3\r\nold\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_to_another_database_gives_a_key_without_a_ttl_the_rule_of_that_database() {
+    let mut rig = Rig::start().await;
+    rig.setup(&["SET", "t:mv:1", "v"]).await;
+    assert_eq!(rig.both(&["MOVE", "t:mv:1", "2"]).await, b(":1\r\n"));
+    assert!(is_default(rig.pttl_in("2", "t:mv:1").await));
+    assert_eq!(rig.pttl_in("0", "t:mv:1").await, -2);
+    rig.setup(&["SET", "t:mv:2", "v", "PX", "500000"]).await;
+    rig.both(&["MOVE", "t:mv:2", "2"]).await;
+    let ttl = rig.pttl_in("2", "t:mv:2").await;
+    assert!(ttl > 400_000 && ttl <= 500_000, "MOVE keeps the TTL: {ttl}");
+    rig.setup(&["SET", "d2:mv", "v"]).await;
+    rig.both(&["MOVE", "d2:mv", "2"]).await;
+    let ttl = rig.pttl_in("2", "d2:mv").await;
+    assert!(ttl > 0 && ttl <= 50_000, "the db 2 rule: {ttl}");
+    rig.setup(&["SET", "d2:mv1", "v"]).await;
+    rig.both(&["MOVE", "d2:mv1", "1"]).await;
+    assert_eq!(rig.pttl_in("1", "d2:mv1").await, -1, "the db 2 rule does not apply in db 1");
+    // MOVE answering 0: the key in the target database keeps its TTL; the source stays as it was.
+    rig.setup(&["SET", "t:mv:3", "v"]).await;
+    rig.setup_in("2", &["SET", "t:mv:3", "there", "PX", "500000"]).await;
+    assert_eq!(rig.both(&["MOVE", "t:mv:3", "2"]).await, b(":0\r\n"));
+    let ttl = rig.pttl_in("2", "t:mv:3").await;
+    assert!(ttl > 400_000 && ttl <= 500_000, "{ttl}");
+    assert_eq!(rig.pttl_in("0", "t:mv:3").await, -1, "the source is not the policy's to change");
+    // Errors are Redis's own. A database that does not exist touches nothing.
+    rig.both(&["MOVE", "t:mv:3", "99"]).await;
+    rig.both(&["MOVE", "t:mv:3", "x"]).await;
+    assert_eq!(rig.pttl_in("0", "t:mv:3").await, -1);
+    // MOVE into the key's own database fails at run time and the key stays where it was without
+    // a TTL: like every write that fails at run time, it gets the default (see the README).
+    rig.both(&["MOVE", "t:mv:3", "0"]).await;
+    assert!(is_default(rig.pttl_in("0", "t:mv:3").await));
+}
+
+/// An out-of-range database fails the write and touches nothing, also not the key of the same
+/// name in the session's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_a_database_that_does_not_exist_is_redis_error_and_changes_nothing() {
+    let mut rig = Rig::start().await;
+    rig.setup(&["SET", "src:bad", "v"]).await;
+    rig.setup(&["SET", "t:bad", "here"]).await;
+    for db in ["99", "-1", "2147483648", "x"] {
+        rig.both(&["COPY", "src:bad", "t:bad", "DB", db]).await;
+    }
+    rig.both(&["COPY", "src:bad", "t:bad", "DB"]).await;
+    rig.both(&["COPY", "src:bad", "t:bad", "DB", "2", "NOPE"]).await;
+    assert_eq!(rig.pttl_in("0", "t:bad").await, -1);
+    assert_eq!(rig.pttl_in("2", "t:bad").await, -2);
+}
+
+async fn cross_db_transaction(rig: &mut Rig, tag: &str) {
+    let k = |n: &str| format!("{n}:{tag}");
+    let (src, here, mv) = (k("src:mx"), k("t:mx:here"), k("t:mx:mv"));
+    rig.setup(&["SET", &src, "v"]).await;
+    rig.setup(&["SET", &here, "v"]).await;
+    rig.setup(&["SET", &mv, "v"]).await;
+    rig.both(&["MULTI"]).await;
+    rig.both(&["COPY", &src, &k("t:mx:1"), "DB", "2"]).await;
+    rig.both(&["SET", &k("t:mx:2"), "v"]).await;
+    rig.both(&["COPY", &src, &k("d2:mx"), "DB", "2", "REPLACE"]).await;
+    rig.both(&["COPY", &src, &here, "DB", "99"]).await;
+    rig.both(&["MOVE", &mv, "2"]).await;
+    rig.both(&["COPY", &src, &k("t:mx:1"), "DB", "2"]).await;
+    rig.both(&["GET", &k("t:mx:1")]).await;
+    let exec = rig.both(&["EXEC"]).await;
+    assert!(exec.starts_with(b"*7\r\n"), "the EXEC array has the client's 7 elements only: {exec:?}");
+    for key in [k("t:mx:1"), mv.clone()] {
+        assert!(is_default(rig.pttl_in("2", &key).await), "{key} in db 2");
+    }
+    let ttl = rig.pttl_in("2", &k("d2:mx")).await;
+    assert!(ttl > 0 && ttl <= 50_000, "{ttl}");
+    assert_eq!(rig.pttl_in("0", &here).await, -1, "the failed COPY … DB 99 touched nothing in db 0");
+
+    // A command refused while queuing aborts everything, sidecache's commands too.
+    rig.both(&["MULTI"]).await;
+    rig.both(&["COPY", &src, &k("t:mx:3"), "DB", "2"]).await;
+    rig.both(&["COPY", &src]).await;
+    rig.both(&["EXEC"]).await;
+    assert_eq!(rig.pttl_in("2", &k("t:mx:3")).await, -2, "nothing ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_move_to_another_database_inside_multi_reply_exactly_as_redis() {
+    let mut rig = Rig::start().await;
+    cross_db_transaction(&mut rig, "r2").await;
+    rig.resp3().await;
+    cross_db_transaction(&mut rig, "r3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_move_to_another_database_in_a_pipeline_keep_order_and_exact_replies() {
+    let mut rig = Rig::start().await;
+    let mut cmds: Vec<Vec<String>> = Vec::new();
+    let s = |a: &str| a.to_string();
+    for i in 0..30 {
+        cmds.push(vec![s("SET"), format!("u:pc:{i}"), s("v")]);
+        cmds.push(vec![s("COPY"), format!("u:pc:{i}"), format!("t:pc:{i}"), s("DB"), s("2")]);
+        cmds.push(vec![s("COPY"), format!("u:pc:{i}"), format!("t:pc:{i}"), s("DB"), s("2")]);
+        cmds.push(vec![s("COPY"), format!("u:pc:{i}"), format!("t:pc:{i}"), s("DB"), s("99")]);
+        cmds.push(vec![s("COPY"), format!("u:pc:{i}"), format!("t:pc:{i}")]);
+        cmds.push(vec![s("MOVE"), format!("u:pc:{i}"), s("3")]);
+        cmds.push(vec![s("GET"), format!("u:pc:{i}")]);
+    }
+    let mut wire = Vec::new();
+    for c in &cmds {
+        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+        wire.extend(encode(&args));
+    }
+    rig.proxied.send_raw(&wire).await;
+    rig.plain.send_raw(&wire).await;
+    for c in &cmds {
+        let got = rig.proxied.read().await;
+        let want = rig.plain.read().await;
+        assert_eq!(got, want, "{c:?}");
+    }
+    for i in [0, 13, 29] {
+        let key = format!("t:pc:{i}");
+        assert!(is_default(rig.pttl_in("2", &key).await), "{key} in db 2");
+        assert!(is_default(rig.pttl_in("0", &key).await), "{key} in db 0");
+        assert_eq!(rig.pttl_in("3", &format!("u:pc:{i}")).await, -1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watching_client_gets_ttls_in_another_database_without_losing_its_watch() {
+    let mut rig = Rig::start().await;
+    rig.setup(&["SET", "src:wc", "v"]).await;
+    rig.setup(&["SET", "t:wc:mv", "v"]).await;
+    rig.both(&["WATCH", "t:wc:w"]).await;
+    rig.both(&["COPY", "src:wc", "t:wc:c", "DB", "2"]).await;
+    rig.both(&["MOVE", "t:wc:mv", "3"]).await;
+    let mut db2 = Client::connect(&rig.redis.addr()).await;
+    db2.cmd(&["SELECT", "2"]).await;
+    assert!(is_default(settled_ttl(&mut db2, "t:wc:c").await));
+    db2.cmd(&["SELECT", "3"]).await;
+    assert!(is_default(settled_ttl(&mut db2, "t:wc:mv").await));
+    rig.setup(&["SET", "t:wc:w", "x"]).await;
+    rig.both(&["MULTI"]).await;
+    rig.both(&["COPY", "src:wc", "t:wc:c2", "DB", "2"]).await;
+    assert_eq!(rig.both(&["EXEC"]).await, b("*-1\r\n"));
+    assert_eq!(rig.pttl_in("2", "t:wc:c2").await, -2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_racing_a_reload_sees_the_old_rules_or_the_new_never_a_mix() {
     let redis = RedisServer::start();
@@ -658,6 +917,50 @@ async fn audit_mode_changes_nothing_and_counts_both() {
     assert_eq!(metric(&text, "sidecache_ttl_missing_total{db=\"0\"}"), 2.0);
     assert_eq!(metric(&text, "sidecache_ttl_missing_total{db=\"3\"}"), 2.0);
     assert_eq!(metric(&text, "sidecache_ttl_unenforced_total{reason=\"script\"}"), 1.0);
+}
+
+/// `COPY … DB n` and `MOVE` into ruled keys of database n count as applied in both modes and
+/// change nothing in `audit`; a database number Redis refuses creates no `missing` series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_into_another_database_are_counted_in_enforce_and_audit_and_changed_only_in_enforce() {
+    for mode in ["enforce", "audit"] {
+        let redis = RedisServer::start();
+        let dir = temp_dir(&format!("cdb-{mode}"));
+        let file = dir.join("c.toml");
+        let config = format!(
+            "{}[[ttl.rules]]\nname = \"d1\"\nprefix = \"d1:\"\ndb = 1\ndefault = \"50s\"\n",
+            session_rule(mode, "100s")
+        );
+        std::fs::write(&file, config).unwrap();
+        let proc = ProxyProcess::start(&redis.url(), &["--config", file.to_str().unwrap()]).await;
+        let mut c = Client::connect(&proc.addr.to_string()).await;
+        let mut direct = Client::connect(&redis.addr()).await;
+        for k in ["src", "d1:m"] {
+            assert_eq!(direct.cmd(&["SET", k, "v"]).await, b("+OK\r\n"));
+        }
+        assert_eq!(c.cmd(&["COPY", "src", "session:c", "DB", "1"]).await, b(":1\r\n"));
+        assert_eq!(c.cmd(&["COPY", "src", "d1:c", "DB", "1"]).await, b(":1\r\n"));
+        assert_eq!(c.cmd(&["COPY", "src", "d1:c", "DB", "2"]).await, b(":1\r\n"));
+        assert_eq!(c.cmd(&["MOVE", "d1:m", "1"]).await, b(":1\r\n"));
+        assert_eq!(c.cmd(&["COPY", "src", "x", "DB", "40"]).await, b("-ERR DB index is out of range\r\n"));
+        assert_eq!(direct.cmd(&["SELECT", "1"]).await, b("+OK\r\n"));
+        for (k, max) in [("session:c", 100_000), ("d1:c", 50_000), ("d1:m", 50_000)] {
+            let ttl = pttl(&mut direct, k).await;
+            match mode {
+                "enforce" => assert!(ttl > 0 && ttl <= max, "{k} in db 1: {ttl}"),
+                _ => assert_eq!(ttl, -1, "audit changed {k}"),
+            }
+        }
+        assert_eq!(direct.cmd(&["SELECT", "2"]).await, b("+OK\r\n"));
+        assert_eq!(pttl(&mut direct, "d1:c").await, -1, "{mode}: the db 1 rule does not apply in db 2");
+        let (_, text) = http_get(proc.admin, "/metrics").await;
+        assert_eq!(metric(&text, "sidecache_ttl_applied_total{rule=\"session\"}"), 1.0, "{mode}");
+        assert_eq!(metric(&text, "sidecache_ttl_applied_total{rule=\"d1\"}"), 2.0, "{mode}");
+        assert_eq!(metric(&text, "sidecache_ttl_missing_total{db=\"2\"}"), 1.0, "{mode}: d1:c in db 2");
+        assert_eq!(metric(&text, "sidecache_ttl_missing_total{db=\"0\"}"), 0.0, "{mode}");
+        assert!(!text.contains("db=\"40\""), "{mode}: a database Redis refuses makes no series");
+        assert!(!text.contains("other_db"), "{mode}: writes into other databases are enforced");
+    }
 }
 
 async fn wait_for_log(proc: &ProxyProcess, what: &'static str, trigger: &'static str, nth: usize) {
