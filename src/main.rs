@@ -107,45 +107,63 @@ async fn run(cli: Cli, config: Config) -> i32 {
             };
         }
     };
-    tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "sidecache started.");
     let shutdown = CancellationToken::new();
-    let reload = server.reload_handle();
-    tokio::spawn(signals(cli, shutdown.clone(), reload));
+    // Signal handlers and the file watch exist before "started" is logged: a SIGHUP or a file
+    // change that follows it is never lost (nor is a SIGHUP fatal).
+    let Some(signals) = Signals::install(&cli) else {
+        return 1;
+    };
+    tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "sidecache started.");
+    tokio::spawn(signals.run(cli, shutdown.clone(), server.reload_handle()));
     server.run(shutdown).await;
     tracing::info!("Stopped.");
     0
 }
 
-async fn signals(cli: Cli, shutdown: CancellationToken, reload: sidecache::ReloadHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("Cannot install signal handlers.");
-        return;
-    };
-    // A changed config file (an edit, a Kubernetes ConfigMap update) reloads like SIGHUP.
-    let mut watch = cli.config.as_deref().and_then(|path| {
-        match sidecache::reload::FileWatch::new(path, sidecache::reload::DEBOUNCE) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "Cannot watch the config file; reload with SIGHUP.");
-                None
+/// The signals sidecache handles and the config file watch, installed before it serves.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    watch: Option<sidecache::reload::FileWatch>,
+}
+
+impl Signals {
+    fn install(cli: &Cli) -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(term), Ok(int), Ok(hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
+            tracing::error!("Cannot install signal handlers.");
+            return None;
+        };
+        // A changed config file (an edit, a Kubernetes ConfigMap update) reloads like SIGHUP.
+        let watch = cli.config.as_deref().and_then(|path| {
+            match sidecache::reload::FileWatch::new(path, sidecache::reload::DEBOUNCE) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "Cannot watch the config file; reload with SIGHUP.");
+                    None
+                }
             }
-        }
-    });
-    loop {
-        tokio::select! {
-            _ = term.recv() => {
-                tracing::info!(signal = "SIGTERM", "Shutdown requested.");
-                shutdown.cancel();
+        });
+        Some(Signals { term, int, hup, watch })
+    }
+
+    async fn run(mut self, cli: Cli, shutdown: CancellationToken, reload: sidecache::ReloadHandle) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    tracing::info!(signal = "SIGTERM", "Shutdown requested.");
+                    shutdown.cancel();
+                }
+                _ = self.int.recv() => {
+                    tracing::info!(signal = "SIGINT", "Shutdown requested.");
+                    shutdown.cancel();
+                }
+                _ = self.hup.recv() => reload_config(&cli, &reload, "SIGHUP"),
+                _ = file_changed(&mut self.watch) => reload_config(&cli, &reload, "file"),
             }
-            _ = int.recv() => {
-                tracing::info!(signal = "SIGINT", "Shutdown requested.");
-                shutdown.cancel();
-            }
-            _ = hup.recv() => reload_config(&cli, &reload, "SIGHUP"),
-            _ = file_changed(&mut watch) => reload_config(&cli, &reload, "file"),
         }
     }
 }
