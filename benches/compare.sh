@@ -13,6 +13,14 @@
 # and, on sidecache before any benchmark traffic: RSS per idle client (500 idle connections)
 # and how many upstream connections those clients cost (before and after one PING on 100 of them).
 #
+# Then the near-cache: a second sidecache ("nearcache") with a [near_cache] rule for the prefix
+# "key:" is started, and `-t get -c 50 -n 100000` runs against direct Redis and nearcache in
+# interleaved rounds of their own. Without -r, redis-benchmark reads the literal key
+# "key:__rand_int__", so every GET hits one hot key, answered from nearcache's memory after the
+# first. Nearcache starts only after the rounds above: its invalidation link would otherwise be
+# sent an invalidation for the other targets' SETs, adding work to Redis during their runs.
+# After its rounds, sidecache_cache_hits_total from its /metrics is printed; zero hits fail.
+#
 # Usage: benches/compare.sh            (ROUNDS=5 by default; e.g. ROUNDS=3 benches/compare.sh)
 # Needs: cargo, redis-server, redis-benchmark, redis-cli, nutcracker, python3, curl.
 # Never touches an already running Redis: every process here is started on its own free ports.
@@ -96,7 +104,24 @@ wait_ping() {
 
 # Reads one un-labelled gauge from sidecache's /metrics (0 when absent).
 metric() {
-    curl -fsS "http://$HOST:$ADMIN_PORT/metrics" | awk -v name="$1" '$1 == name { v = $2 } END { print v + 0 }'
+    metric_at "$ADMIN_PORT" "$1"
+}
+
+# Reads one series (name with its labels, as exported) from the /metrics on admin port $1.
+metric_at() {
+    curl -fsS "http://$HOST:$1/metrics" | awk -v name="$2" '$1 == name { v = $2 } END { print v + 0 }'
+}
+
+# Waits until the /readyz on admin port $1 answers 200 (for nearcache: coherence established).
+wait_ready() {
+    local port=$1 name=$2 pid=$3 i
+    for ((i = 0; i < 200; i++)); do
+        curl -fsS -o /dev/null "http://$HOST:$port/readyz" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { echo "compare.sh: $name exited during startup" >&2; return 1; }
+        sleep 0.05
+    done
+    echo "compare.sh: $name not ready within 10 s: $(curl -sS "http://$HOST:$port/readyz" 2>&1)" >&2
+    return 1
 }
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
@@ -110,7 +135,7 @@ log "building: cargo build --release --locked"
 cargo build --release --locked >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; exit 1; }
 SIDECACHE=$ROOT/target/release/sidecache
 
-read -r REDIS_PORT SIDECACHE_PORT ADMIN_PORT NUT_PORT NUT_STATS_PORT <<<"$(free_ports 5)"
+read -r REDIS_PORT SIDECACHE_PORT ADMIN_PORT NUT_PORT NUT_STATS_PORT NC_PORT NC_ADMIN_PORT <<<"$(free_ports 7)"
 
 REDIS_CMD=(redis-server --bind "$HOST" --port "$REDIS_PORT" --save "" --appendonly no --daemonize no
     --logfile "$WORK/redis.log")
@@ -130,6 +155,18 @@ NUT_CMD=("$NUTCRACKER" -c "$WORK/nutcracker.yml" -s "$NUT_STATS_PORT" -a "$HOST"
     -p "$WORK/nutcracker.pid")
 "$NUTCRACKER" -t -c "$WORK/nutcracker.yml" >"$WORK/nutcracker-test.log" 2>&1 \
     || { cat "$WORK/nutcracker-test.log" >&2; exit 1; }
+# redis-benchmark's key without -r is the literal "key:__rand_int__": the rule covers it.
+NC_RULE=bench
+cat >"$WORK/nearcache.toml" <<EOF
+[near_cache]
+[[near_cache.rules]]
+name = "$NC_RULE"
+prefix = "key:"
+EOF
+NC_CMD=("$SIDECACHE" --config "$WORK/nearcache.toml" --listen "$HOST:$NC_PORT" --admin-listen "$HOST:$NC_ADMIN_PORT"
+    --upstream "redis://$HOST:$REDIS_PORT" --log-level warn)
+"$SIDECACHE" --check-config --config "$WORK/nearcache.toml" >"$WORK/nearcache-check.log" 2>&1 \
+    || { cat "$WORK/nearcache-check.log" >&2; exit 1; }
 
 log "starting redis-server on $REDIS_PORT"
 "${REDIS_CMD[@]}" >"$WORK/redis-stdout.log" 2>&1 &
@@ -242,6 +279,40 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # ---------------------------------------------------------------------------------------------
+# Near-cache: hot-key GET, direct Redis vs nearcache, interleaved rounds.
+log "starting nearcache (sidecache with a near-cache rule for key:) on $NC_PORT (admin $NC_ADMIN_PORT)"
+"${NC_CMD[@]}" >"$WORK/nearcache.log" 2>&1 &
+NC_PID=$!
+PIDS+=("$NC_PID")
+wait_ping "$NC_PORT" nearcache "$NC_PID"
+wait_ready "$NC_ADMIN_PORT" nearcache "$NC_PID"
+HOT_TARGETS=(direct nearcache)
+PORT[nearcache]=$NC_PORT
+HOT_ARGS="-t get -c 50 -n 100000"
+# The value the other rounds' SETs left (3 bytes, as redis-benchmark writes by default), so the
+# hot key exists even when this part runs alone.
+redis-cli -h "$HOST" -p "$REDIS_PORT" SET key:__rand_int__ xxx >/dev/null
+nc_hits_before=$(metric_at "$NC_ADMIN_PORT" "sidecache_cache_hits_total{rule=\"$NC_RULE\"}")
+nc_misses_before=$(metric_at "$NC_ADMIN_PORT" "sidecache_cache_misses_total{rule=\"$NC_RULE\"}")
+for ((round = 1; round <= ROUNDS; round++)); do
+    for target in "${HOT_TARGETS[@]}"; do
+        log "round $round/$ROUNDS: hot-key GET against $target"
+        # shellcheck disable=SC2086 # HOT_ARGS holds several words on purpose
+        redis-benchmark -h "$HOST" -p "${PORT[$target]}" -q --csv $HOT_ARGS \
+            >"$RESULTS/$target.hot.$round.csv" 2>>"$WORK/redis-benchmark.log"
+        grep -q '"GET"' "$RESULTS/$target.hot.$round.csv" \
+            || { echo "compare.sh: no GET result for $target hot-key GET" >&2; exit 1; }
+    done
+done
+nc_hits=$(($(metric_at "$NC_ADMIN_PORT" "sidecache_cache_hits_total{rule=\"$NC_RULE\"}") - nc_hits_before))
+nc_misses=$(($(metric_at "$NC_ADMIN_PORT" "sidecache_cache_misses_total{rule=\"$NC_RULE\"}") - nc_misses_before))
+if ((nc_hits == 0)); then
+    echo "compare.sh: nearcache served no hits (sidecache_cache_hits_total{rule=\"$NC_RULE\"} did not move," \
+        "misses +$nc_misses): the hot-key figures would measure a plain proxy" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Summary.
 print_summary() {
     echo "=== sidecache vs direct Redis vs nutcracker: medians of $ROUNDS interleaved rounds ==="
@@ -322,5 +393,31 @@ EOF
     echo "  upstream Redis connected_clients (includes this script's redis-cli, sidecache's health check and nutcracker):"
     echo "    $redis_before before, $redis_idle with idle clients (+$((redis_idle - redis_before)))," \
         "$redis_pinged after the PINGs (+$((redis_pinged - redis_before)))"
+    echo
+    echo "=== Near-cache: hot-key GET, direct Redis vs sidecache with the near-cache," \
+        "medians of $ROUNDS interleaved rounds ==="
+    echo "  nearcache: $(quote "${NC_CMD[@]}")"
+    sed 's/^/              | /' "$WORK/nearcache.toml"
+    echo "  benchmark: redis-benchmark -h $HOST -p PORT -q --csv $HOT_ARGS" \
+        "(PORT = $REDIS_PORT direct, $NC_PORT nearcache; every GET reads key:__rand_int__)"
+    python3 - "$RESULTS" <<'EOF'
+import csv, glob, os, statistics, sys
+
+rps = {}
+for target in ("direct", "nearcache"):
+    for path in sorted(glob.glob(os.path.join(sys.argv[1], f"{target}.hot.*.csv"))):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["test"] == "GET":
+                    rps.setdefault(target, []).append(float(row["rps"]))
+d, n = statistics.median(rps["direct"]), statistics.median(rps["nearcache"])
+print("  Throughput (requests/s, median)      direct  nearcache  nc/direct  target")
+print(f"  -c 50        GET {d:>19,.0f} {n:>10,.0f} {n / d:>10.2f}  >= 1.00 {'ok' if n / d >= 1.0 else 'MISSED'}")
+for target in ("direct", "nearcache"):
+    print(f"  per round, {target:<10} " + "  ".join(f"{v:,.0f}" for v in rps[target]))
+EOF
+    local sent=$((ROUNDS * 100000))
+    echo "  nearcache sidecache_cache_hits_total{rule=\"$NC_RULE\"}: +$nc_hits," \
+        "sidecache_cache_misses_total: +$nc_misses, of $sent GETs sent"
 }
 print_summary

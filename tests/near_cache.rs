@@ -1,6 +1,7 @@
 //! The near-cache against real Redis and several sidecache instances: hits, coherence after
 //! writes from every route, read-your-writes, protocol shapes, ACL partitioning, faults, the
-//! reply/invalidation race (through a fault relay) and a staleness bound.
+//! reply/invalidation race (through a fault relay), a staleness bound, and shadow verify against
+//! a link that loses invalidations (through the relay).
 
 mod common;
 
@@ -620,4 +621,149 @@ async fn writes_rewritten_by_the_ttl_policy_are_still_read_back() {
     }
     let ttl = c.cmd(&["PTTL", "master:h"]).await;
     assert!(ttl.starts_with(b":") && ttl != b(":-1\r\n"), "the policy gave the hash a TTL: {ttl:?}");
+}
+
+/// The heartbeat interval of the shadow-verify tests: also how long verify waits for an
+/// invalidation to explain a difference before it counts one.
+const VERIFY_GRACE: Duration = Duration::from_secs(1);
+
+/// An instance (the binary, so that `/metrics` is its own) behind a fault relay, caching
+/// `master:`, verifying `rate` of its hits, with a heartbeat timeout far beyond any test's
+/// length: a muted link then loses invalidations without the cache being declared down.
+async fn verifying_instance(relay: &Relay, rate: f64) -> (ProxyProcess, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("sidecache-verify-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecache.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[near_cache]\nverify_sample_rate = {rate:?}\nheartbeat = \"{}ms\"\nheartbeat_timeout = \"30s\"\n\
+             [[near_cache.rules]]\nname = \"master\"\nprefix = \"master:\"\n",
+            VERIFY_GRACE.as_millis()
+        ),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start(&relay.url(), &["--config", file.to_str().unwrap()]).await;
+    eventually("ready", || async { http_get(proxy.admin, "/readyz").await.0 == 200 }).await;
+    (proxy, dir)
+}
+
+/// `sidecache_cache_stale_detected_total` from the instance's `/metrics`.
+async fn stale_metric(p: &ProxyProcess) -> f64 {
+    let (_, metrics) = http_get(p.admin, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sidecache_cache_stale_detected_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("sidecache_cache_stale_detected_total in /metrics:\n{metrics}"))
+}
+
+/// How many GETs Redis has executed (fills and verify re-reads; the heartbeat only writes).
+async fn redis_gets(redis: &RedisServer) -> u64 {
+    let stat = info_field(&redis.addr(), "cmdstat_get").await;
+    stat.split(',').next().and_then(|c| c.strip_prefix("calls=")).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn shadow_verify_counts_a_stale_hit_and_drops_the_entry() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    // Written before the link exists, so no invalidation of it can void the first fill.
+    direct.cmd(&["SET", "master:v", "old"]).await;
+    let (proxy, dir) = verifying_instance(&relay, 1.0).await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "fill");
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "hit");
+    assert_eq!((stat(&mut c, "misses").await, stat(&mut c, "hits").await), (1, 1));
+    // The re-read runs beside the reply, so it may reach Redis just after the client has its hit.
+    eventually("the fill and the verify re-read of the hit reached Redis", || async { redis_gets(&redis).await == 2 })
+        .await;
+
+    // Invalidations are now lost: a direct write leaves the entry genuinely stale.
+    relay.mute_link(true);
+    direct.cmd(&["SET", "master:v", "new"]).await;
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "the muted link left the entry stale");
+    assert_eq!(stat(&mut c, "hits").await, 2);
+    eventually("verify counted the stale hit", || async {
+        let mut o = Client::connect(&proxy.addr.to_string()).await;
+        stat(&mut o, "stale_detected").await == 1
+    })
+    .await;
+    assert_eq!(stale_metric(&proxy).await, 1.0, "the metric counts it too");
+    assert_eq!(stats(&mut c).await["coherence"], "tracking", "the heartbeat has not declared the link down");
+
+    // The stale entry is dropped: the next read is a miss that fetches the current value.
+    assert_eq!(c.cmd(&["SIDECACHE", "CACHE", "INFO", "master:v"]).await, b("$-1\r\n"), "entry dropped");
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("new"));
+    assert_eq!(stat(&mut c, "misses").await, 2, "refetched from Redis");
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("new"), "a hit again, and it matches Redis");
+    tokio::time::sleep(VERIFY_GRACE * 2).await;
+    assert_eq!(stat(&mut c, "stale_detected").await, 1, "a matching hit is not counted");
+    assert_eq!(stale_metric(&proxy).await, 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn shadow_verify_counts_nothing_when_invalidations_arrive() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    // Written before the link exists, so no invalidation of it can void the first fill.
+    direct.cmd(&["SET", "master:v", "old"]).await;
+    let (proxy, dir) = verifying_instance(&relay, 1.0).await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
+    for _ in 0..5 {
+        assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
+    }
+    assert_eq!(stat(&mut c, "hits").await, 5);
+    eventually("every hit was re-read from Redis", || async { redis_gets(&redis).await == 6 }).await;
+
+    // The same sequence as the stale case, with the link working: the write invalidates.
+    direct.cmd(&["SET", "master:v", "new"]).await;
+    converges(&mut c, "master:v", &bulk("new"), "direct write, link working").await;
+
+    // An invalidation that arrives late, but within one heartbeat, explains the difference the
+    // re-read sees: a lagging link is not a stale cache.
+    relay.hold_link(true);
+    direct.cmd(&["SET", "master:v", "newer"]).await;
+    let hits = stat(&mut c, "hits").await;
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("new"), "a hit while the invalidation is held back");
+    assert_eq!(stat(&mut c, "hits").await, hits + 1);
+    tokio::time::sleep(VERIFY_GRACE / 10).await;
+    relay.hold_link(false);
+    converges(&mut c, "master:v", &bulk("newer"), "the held invalidation arrived").await;
+
+    tokio::time::sleep(VERIFY_GRACE * 2).await;
+    let (hits, misses) = (stat(&mut c, "hits").await, stat(&mut c, "misses").await);
+    assert!(hits > 50, "hits after the writes: {hits}");
+    assert_eq!(redis_gets(&redis).await, hits + misses, "every hit was re-read, one fill per miss");
+    assert_eq!(stat(&mut c, "stale_detected").await, 0, "no false positives");
+    assert_eq!(stale_metric(&proxy).await, 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn shadow_verify_off_counts_nothing_even_when_stale() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    // Written before the link exists, so no invalidation of it can void the first fill.
+    direct.cmd(&["SET", "master:v", "old"]).await;
+    let (proxy, dir) = verifying_instance(&relay, 0.0).await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
+    relay.mute_link(true);
+    direct.cmd(&["SET", "master:v", "new"]).await;
+    for _ in 0..5 {
+        assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "stale, and nothing looks");
+    }
+    assert_eq!(stat(&mut c, "hits").await, 5);
+    tokio::time::sleep(VERIFY_GRACE * 2).await;
+    assert_eq!(redis_gets(&redis).await, 1, "only the fill reached Redis: no re-reads");
+    assert_eq!(stat(&mut c, "stale_detected").await, 0);
+    assert_eq!(stale_metric(&proxy).await, 0.0);
+    assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "the entry is still there");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,12 @@
-//! A fault relay between sidecache and Redis, for what real Redis cannot do on demand: it can
-//! hold back Redis's replies on data connections while the invalidation link (recognised by
-//! its client name in the handshake) keeps flowing, so an invalidation overtakes a read reply.
+//! A fault relay between sidecache and Redis, for what real Redis cannot do on demand. The
+//! invalidation link is recognised by its client name in the handshake. The relay can:
+//!
+//! - hold back Redis's replies on data connections while the link keeps flowing, so an
+//!   invalidation overtakes a read reply (`hold`);
+//! - hold back what Redis sends on the link while data connections keep flowing, so an
+//!   invalidation arrives late but intact (`hold_link`);
+//! - drop what Redis sends on the link, so invalidations are lost while the link stays
+//!   connected and the cache goes genuinely stale until the heartbeat times out (`mute_link`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,10 +15,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// What the relay does to Redis → sidecache bytes right now.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// Hold replies on data connections.
+    hold_data: bool,
+    /// Hold what arrives on the invalidation link.
+    hold_link: bool,
+    /// Drop what arrives on the invalidation link.
+    mute_link: bool,
+}
+
+impl Faults {
+    fn holds(&self, link: bool) -> bool {
+        if link { self.hold_link } else { self.hold_data }
+    }
+}
+
 /// A running relay; stops accepting when dropped.
 pub struct Relay {
     pub port: u16,
-    hold: watch::Sender<bool>,
+    faults: watch::Sender<Faults>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -21,17 +44,17 @@ impl Relay {
     pub async fn start(upstream_port: u16) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let port = listener.local_addr().unwrap().port();
-        let (hold, _) = watch::channel(false);
-        let holds = hold.clone();
+        let (faults, _) = watch::channel(Faults::default());
+        let all = faults.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let exempt = Arc::new(AtomicBool::new(false));
+                let is_link = Arc::new(AtomicBool::new(false));
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
-                let seen = exempt.clone();
+                let seen = is_link.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -47,7 +70,7 @@ impl Relay {
                         }
                     }
                 });
-                let mut held = holds.subscribe();
+                let mut faults = all.subscribe();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -55,10 +78,14 @@ impl Relay {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        while *held.borrow_and_update() && !exempt.load(Ordering::SeqCst) {
-                            if held.changed().await.is_err() {
+                        let link = is_link.load(Ordering::SeqCst);
+                        while faults.borrow_and_update().holds(link) {
+                            if faults.changed().await.is_err() {
                                 return;
                             }
+                        }
+                        if link && faults.borrow().mute_link {
+                            continue;
                         }
                         if cw.write_all(&buf[..n]).await.is_err() {
                             break;
@@ -67,12 +94,24 @@ impl Relay {
                 });
             }
         });
-        Relay { port, hold, task }
+        Relay { port, faults, task }
     }
 
     /// Holds back (true) or releases (false) replies on data connections.
     pub fn hold(&self, on: bool) {
-        self.hold.send_replace(on);
+        self.faults.send_modify(|f| f.hold_data = on);
+    }
+
+    /// Holds back (true) or releases (false) what Redis sends on the invalidation link.
+    pub fn hold_link(&self, on: bool) {
+        self.faults.send_modify(|f| f.hold_link = on);
+    }
+
+    /// Drops (true) what Redis sends on the invalidation link, or stops dropping (false). Bytes
+    /// dropped mid-frame leave the link unreadable afterwards, so a test that mutes the link
+    /// should not expect it to work again after unmuting.
+    pub fn mute_link(&self, on: bool) {
+        self.faults.send_modify(|f| f.mute_link = on);
     }
 
     /// The relay's URL.
