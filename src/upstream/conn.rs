@@ -43,13 +43,20 @@ impl FrameReader {
         Self { buf: BytesMut::new(), scanner: ReplyScanner::new(), limits }
     }
 
+    /// Returns the next complete reply already in the buffer, without reading.
+    pub fn buffered(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let n = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)?;
+        Ok(n.map(|n| self.buf.split_to(n).freeze()))
+    }
+
     /// Returns the next complete reply, exactly as Redis sent it.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Bytes, UpstreamError> {
         loop {
-            if !self.buf.is_empty()
-                && let Some(n) = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)?
-            {
-                return Ok(self.buf.split_to(n).freeze());
+            if let Some(frame) = self.buffered()? {
+                return Ok(frame);
             }
             self.buf.reserve(READ_CHUNK);
             let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;

@@ -212,17 +212,43 @@ async fn read_loop(
         };
         match frame {
             Ok(frame) => {
-                let waiter = {
+                // Every reply already read is handed out under one lock, without going back
+                // to the select (whose branches cost a poll each) per reply.
+                let mut frames = vec![frame];
+                let mut scan_error = None;
+                loop {
+                    match reader.buffered() {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => break,
+                        Err(e) => {
+                            scan_error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let waiters: Vec<Option<Waiter>> = {
                     let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
                     q.progress = Instant::now();
-                    q.waiters.pop_front()
+                    frames.iter().map(|_| q.waiters.pop_front()).collect()
                 };
-                let Some(waiter) = waiter else {
+                let mut orphan = false;
+                for (frame, waiter) in frames.into_iter().zip(waiters) {
+                    let Some(waiter) = waiter else {
+                        orphan = true;
+                        break;
+                    };
+                    if waiter.budget.as_ref().is_none_or(|b| b.charge(frame.len())) {
+                        let _ = waiter.tx.send(Ok(frame));
+                    }
+                }
+                if orphan {
                     tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
                     break UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength);
-                };
-                if waiter.budget.as_ref().is_none_or(|b| b.charge(frame.len())) {
-                    let _ = waiter.tx.send(Ok(frame));
+                }
+                if let Some(e) = scan_error {
+                    Metrics::get().protocol_error("upstream_reply");
+                    tracing::warn!(error = %e, "Upstream connection ended.");
+                    break e;
                 }
             }
             Err(e) => {
