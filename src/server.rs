@@ -219,7 +219,8 @@ impl Server {
             };
             let id = ids.fetch_add(1, Ordering::Relaxed);
             let ctx = ctx.clone();
-            let stop = shutdown.clone();
+            // A child token per session: polling it never contends on the server-wide one.
+            let stop = shutdown.child_token();
             tracker.spawn(async move {
                 ctx.metrics.clients.increment(1.0);
                 crate::session::serve(stream, ctx.clone(), id, stop).await;

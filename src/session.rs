@@ -5,7 +5,7 @@
 //! and the ordering of replies. Does not own: framing (`protocol`), command recognition
 //! (`command`) or the upstream sockets (`upstream`).
 //!
-//! Two tasks per client. The *reader* parses a batch, decides for each command, and pushes one
+//! One task per client, running two futures. The *reader* parses a batch, decides for each command, and pushes one
 //! reply *slot* per command, in order, onto a bounded channel (the bound is `max_pipeline`: when
 //! the client's replies pile up, the reader stops reading it). The *writer* resolves slots in
 //! order — a local reply, a oneshot filled by a multiplexed connection, or N frames from the
@@ -48,8 +48,11 @@ use crate::upstream::{
 
 /// Bytes gathered before the writer flushes even if more replies are ready.
 const FLUSH_AT: usize = 64 * 1024;
-/// Read buffer reservation per read.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer reservation per read: it starts small and doubles while reads fill it.
+const READ_MIN: usize = 512;
+const READ_MAX: usize = 16 * 1024;
+/// A read buffer that grew beyond this is given back once no frame is pending in it.
+const READ_KEEP: usize = 4 * 1024;
 /// How long a closing session waits for its last replies to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -194,6 +197,9 @@ enum Stop {
 }
 
 /// Serves one client until it disconnects, is disconnected, or the server shuts down.
+///
+/// The reader and the writer are two futures of this one task, not two tasks: a reply that
+/// arrives wakes one task, and handing a slot from reader to writer never crosses threads.
 pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let policy = ctx.policy.load_full();
@@ -202,7 +208,15 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
     let (rd, wr) = stream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(policy.max_pipeline);
     let awaiting = Arc::new(AtomicUsize::new(0));
-    let writer = tokio::spawn(write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone(), awaiting.clone()));
+    let written = CancellationToken::new();
+    let writer = {
+        let written = written.clone();
+        let write = write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone(), awaiting.clone());
+        async move {
+            write.await;
+            written.cancel();
+        }
+    };
     let initial = ctx.upstream.initial_key();
     let locks = crate::locks::SessionLocks::new(ctx.locks.clone());
     let mut session = Reader {
@@ -221,26 +235,28 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         pending_guard: None,
         multi_guard: None,
         locks: locks.clone(),
+        policy,
     };
-    let stop = session.run(rd, &kill, &shutdown).await;
-    match stop {
-        Stop::Abort => {
-            session.pinned = None;
-            drop(session);
-            kill.cancel();
-            let _ = writer.await;
-        }
-        Stop::Drain => {
-            let _ = session.flush().await;
-            let _ = session.slots.send(Slot::Close).await;
-            let writer_done = tokio::time::timeout(CLOSE_WAIT, writer);
-            tokio::select! {
-                _ = writer_done => {}
-                _ = kill.cancelled() => {}
+    let reader = async {
+        let stop = session.run(rd, &kill, &shutdown).await;
+        match stop {
+            Stop::Abort => {
+                session.pinned = None;
+                kill.cancel();
             }
-            drop(session);
+            Stop::Drain => {
+                let _ = session.flush().await;
+                let _ = session.slots.send(Slot::Close).await;
+                tokio::select! {
+                    _ = written.cancelled() => {}
+                    _ = tokio::time::sleep(CLOSE_WAIT) => kill.cancel(),
+                    _ = kill.cancelled() => {}
+                }
+            }
         }
-    }
+        drop(session);
+    };
+    tokio::join!(reader, writer);
     // Leases are tied to the connection: give its locks back now, not when they expire.
     locks.close().await;
 }
@@ -268,12 +284,16 @@ struct Reader {
     multi_guard: Option<WriteGuard>,
     /// Locks this connection holds (`LOCK.*`).
     locks: crate::locks::SessionLocks,
+    /// The policy for the commands of the current read.
+    policy: Arc<crate::server::Policy>,
 }
 
 impl Reader {
     async fn run(&mut self, rd: OwnedReadHalf, kill: &CancellationToken, shutdown: &CancellationToken) -> Stop {
         let mut parser = RequestParser::new();
         let mut buf = BytesMut::new();
+        let mut chunk = READ_MIN;
+        let mut draining = false;
         let mut frame_started: Option<Instant> = None;
         let metrics = self.ctx.metrics;
         // Built once: re-creating these futures on every read showed up in profiles.
@@ -282,14 +302,12 @@ impl Reader {
         tokio::pin!(killed, stopping);
         let mut rd = rd;
         loop {
-            let policy = self.ctx.policy.load();
+            let (frame_deadline, idle_timeout) = (self.policy.frame_deadline, self.policy.idle_timeout);
             let in_frame = parser.in_frame(&buf);
             let deadline = match (in_frame, frame_started) {
-                (true, Some(t)) if !policy.frame_deadline.is_zero() => {
-                    Some((t + policy.frame_deadline, "frame_deadline"))
-                }
-                _ if !policy.idle_timeout.is_zero() && !self.state.needs_pin() => {
-                    Some((Instant::now() + policy.idle_timeout, "idle_timeout"))
+                (true, Some(t)) if !frame_deadline.is_zero() => Some((t + frame_deadline, "frame_deadline")),
+                _ if !idle_timeout.is_zero() && !self.state.needs_pin() => {
+                    Some((Instant::now() + idle_timeout, "idle_timeout"))
                 }
                 _ => None,
             };
@@ -300,38 +318,57 @@ impl Reader {
                 }
             };
             // Wait for readability without holding a buffer, so idle clients cost no buffer.
-            tokio::select! {
-                biased;
-                _ = &mut killed => return Stop::Abort,
-                _ = &mut stopping, if !in_frame => return Stop::Drain,
-                _ = timer => {
-                    let kind = deadline.map_or("idle_timeout", |d| d.1);
-                    // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
-                    if kind == "idle_timeout" && self.awaiting.load(Ordering::Relaxed) > 0 {
-                        continue;
-                    }
-                    metrics.protocol_error(kind);
-                    return Stop::Abort;
-                }
-                ready = rd.readable() => {
-                    if ready.is_err() {
+            // Once the server is stopping, what the client sent before is still read and
+            // answered (without waiting): the session ends when its socket has nothing left.
+            if !draining {
+                tokio::select! {
+                    biased;
+                    _ = &mut killed => return Stop::Abort,
+                    _ = &mut stopping, if !in_frame => draining = true,
+                    _ = timer => {
+                        let kind = deadline.map_or("idle_timeout", |d| d.1);
+                        // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
+                        if kind == "idle_timeout" && self.awaiting.load(Ordering::Relaxed) > 0 {
+                            continue;
+                        }
+                        metrics.protocol_error(kind);
                         return Stop::Abort;
                     }
+                    ready = rd.readable() => {
+                        if ready.is_err() {
+                            return Stop::Abort;
+                        }
+                    }
                 }
+            } else if kill.is_cancelled() {
+                return Stop::Abort;
             }
-            buf.reserve(READ_CHUNK);
-            // One poll of `read_buf`: unlike `try_read`, a short read clears the readiness, so
-            // the next loop does not spend a system call on EAGAIN. Spurious readiness: loop.
-            let read = tokio::select! {
-                biased;
-                r = rd.read_buf(&mut buf) => r,
-                _ = std::future::ready(()) => continue,
+            // The buffer is kept between reads: once the commands parsed from it are gone, its
+            // memory is reused in place rather than allocated again for every read.
+            buf.reserve(chunk);
+            let spare = buf.capacity() - buf.len();
+            let read = if draining {
+                match rd.try_read_buf(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Stop::Drain,
+                    r => r,
+                }
+            } else {
+                // One poll of `read_buf`: unlike `try_read`, a short read clears the readiness,
+                // so the next loop does not spend a system call on EAGAIN. Spurious readiness: loop.
+                tokio::select! {
+                    biased;
+                    r = rd.read_buf(&mut buf) => r,
+                    _ = std::future::ready(()) => continue,
+                }
             };
             match read {
                 Ok(0) | Err(_) => return Stop::Abort,
+                Ok(n) if n == spare => chunk = (chunk * 2).min(READ_MAX),
                 Ok(_) => {}
             }
-            let limits = policy.request_limits;
+            // One snapshot of the policy per read: a reload applies from the next read on.
+            self.policy = self.ctx.policy.load_full();
+            let limits = self.policy.request_limits;
             loop {
                 match parser.next(&mut buf, &limits) {
                     Ok(Some(args)) => {
@@ -353,8 +390,11 @@ impl Reader {
                 frame_started.get_or_insert_with(Instant::now);
             } else {
                 frame_started = None;
-                // An idle client holds no read buffer.
-                buf = BytesMut::new();
+                // A client between commands holds at most a small read buffer.
+                if chunk > READ_KEEP {
+                    buf = BytesMut::new();
+                    chunk = READ_MIN;
+                }
             }
             if let Err(stop) = self.flush().await {
                 return stop;
@@ -489,22 +529,23 @@ impl Reader {
         args: &[Bytes],
     ) -> Result<Result<oneshot::Receiver<crate::upstream::mux::Reply>, UpstreamError>, Stop> {
         self.switch(Target::Pool).await?;
-        let handle = match self.pool_handle().await {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e)),
-        };
+        if let Err(e) = self.ensure_pool().await {
+            return Ok(Err(e));
+        }
         let (tx, rx) = oneshot::channel();
-        match &mut self.batch {
-            Some((h, batch)) if h.is_same(&handle) => {
+        let waiter = Waiter { tx, budget: Some(self.budget.clone()) };
+        match (&mut self.batch, &self.pool) {
+            (Some((h, batch)), Some((_, handle))) if h.is_same(handle) => {
                 encode::command(&mut batch.payload, args);
-                batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+                batch.waiters.push(waiter);
             }
             _ => {
                 self.flush().await?;
+                let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
                 let mut batch = Batch::default();
                 encode::command(&mut batch.payload, args);
-                batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
-                self.batch = Some((handle, batch));
+                batch.waiters.push(waiter);
+                self.batch = Some((handle.clone(), batch));
             }
         }
         self.sent_since_barrier = true;
@@ -518,13 +559,14 @@ impl Reader {
         cmds: &[Vec<Bytes>],
     ) -> Result<Result<Vec<oneshot::Receiver<crate::upstream::mux::Reply>>, UpstreamError>, Stop> {
         self.switch(Target::Pool).await?;
-        let handle = match self.pool_handle().await {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e)),
-        };
-        if !matches!(&self.batch, Some((h, _)) if h.is_same(&handle)) {
+        if let Err(e) = self.ensure_pool().await {
+            return Ok(Err(e));
+        }
+        let current = matches!((&self.batch, &self.pool), (Some((h, _)), Some((_, handle))) if h.is_same(handle));
+        if !current {
             self.flush().await?;
-            self.batch = Some((handle, Batch::default()));
+            let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
+            self.batch = Some((handle.clone(), Batch::default()));
         }
         let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
         let mut rxs = Vec::with_capacity(cmds.len());
@@ -543,18 +585,22 @@ impl Reader {
         self.push(Slot::Later(fut, meta)).await
     }
 
-    async fn pool_handle(&mut self) -> Result<MuxHandle, UpstreamError> {
-        let key = self.state.key();
+    /// Makes `self.pool` a live connection of the pool for the session's current state.
+    async fn ensure_pool(&mut self) -> Result<(), UpstreamError> {
+        let st = &self.state;
         if let Some((k, h)) = &self.pool
-            && *k == key
+            && k.db == st.db
+            && k.proto == st.proto
+            && k.creds == st.creds
             && h.is_alive()
         {
-            return Ok(h.clone());
+            return Ok(());
         }
+        let key = self.state.key();
         let pool = self.ctx.upstream.pool(&key).await?;
         let handle = self.ctx.upstream.connection(&pool, self.id).await?;
-        self.pool = Some((key, handle.clone()));
-        Ok(handle)
+        self.pool = Some((key, handle));
+        Ok(())
     }
 
     /// Opens the dedicated connection if needed.
@@ -675,12 +721,10 @@ impl Reader {
     /// Routes one command. `Ok(false)` ends the session after pending replies are written.
     async fn dispatch(&mut self, cmd: Command) -> Result<bool, Stop> {
         let meta = Meta { family: cmd.family, start: Instant::now() };
-        let policy = self.ctx.policy.load();
-        if policy.deny.contains(cmd.name()) {
+        if !self.policy.deny.is_empty() && self.policy.deny.contains(cmd.name()) {
             self.local(encode::error("NOPERM this command is disabled by sidecache"), meta).await?;
             return Ok(true);
         }
-        drop(policy);
         let pinned_mode = self.state.needs_pin();
         match cmd.kind {
             Kind::Quit => {
@@ -1087,7 +1131,7 @@ impl Reader {
 
     /// Sends a command where the session's commands go now.
     async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
-        let plan = self.ctx.policy.load().ttl.plan(cmd, self.state.db);
+        let plan = self.policy.ttl.plan(cmd, self.state.db);
         let (args, tail) = match plan {
             Plan::Forward => (&cmd.args, Vec::new()),
             Plan::Rewrite(ref args) => (args, Vec::new()),
@@ -1163,8 +1207,8 @@ impl Reader {
 
     async fn auth(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
         let creds = match cmd.args.len() {
-            2 => Creds { user: None, pass: cmd.args[1].clone() },
-            3 => Creds { user: Some(cmd.args[1].clone()), pass: cmd.args[2].clone() },
+            2 => Creds { user: None, pass: owned(&cmd.args[1]) },
+            3 => Creds { user: Some(owned(&cmd.args[1])), pass: owned(&cmd.args[2]) },
             _ => return self.send_pooled(&cmd.args, meta).await,
         };
         let mut key = self.state.key();
@@ -1205,7 +1249,7 @@ impl Reader {
         if cmd.args.len() != 3 {
             return self.send_pooled(&cmd.args, meta).await;
         }
-        let name = cmd.args[2].clone();
+        let name = owned(&cmd.args[2]);
         if let Err(e) = check_client_name(&name) {
             return self.local(e, meta).await;
         }
@@ -1249,8 +1293,8 @@ impl Reader {
             }
             Kind::Auth => {
                 self.state.creds = match cmd.args.len() {
-                    2 => Some(Creds { user: None, pass: cmd.args[1].clone() }),
-                    _ => Some(Creds { user: Some(cmd.args[1].clone()), pass: cmd.args[2].clone() }),
+                    2 => Some(Creds { user: None, pass: owned(&cmd.args[1]) }),
+                    _ => Some(Creds { user: Some(owned(&cmd.args[1])), pass: owned(&cmd.args[2]) }),
                 };
             }
             Kind::Hello => {
@@ -1267,7 +1311,7 @@ impl Reader {
                 }
             }
             Kind::ClientSetName => {
-                let name = cmd.args[2].clone();
+                let name = owned(&cmd.args[2]);
                 self.state.name = if name.is_empty() { None } else { Some(name) };
             }
             _ => {}
@@ -1312,10 +1356,10 @@ fn parse_hello(cmd: &Command) -> Option<Hello> {
     while i < args.len() {
         let more = args.len() - 1 - i;
         if args[i].eq_ignore_ascii_case(b"AUTH") && more >= 2 {
-            h.creds = Some(Creds { user: Some(args[i + 1].clone()), pass: args[i + 2].clone() });
+            h.creds = Some(Creds { user: Some(owned(&args[i + 1])), pass: owned(&args[i + 2]) });
             i += 3;
         } else if args[i].eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-            h.name = Some(args[i + 1].clone());
+            h.name = Some(owned(&args[i + 1]));
             i += 2;
         } else {
             return None;
@@ -1582,6 +1626,12 @@ fn charged_reply(r: Result<crate::upstream::mux::Reply, oneshot::error::RecvErro
         Ok(Err(e)) => (e.to_reply(), 0),
         Err(_) => (UpstreamError::Lost.to_reply(), 0),
     }
+}
+
+/// A copy of an argument the session keeps (credentials, client name): arguments share the
+/// read buffer they were parsed from, which must not stay alive with them.
+fn owned(arg: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(arg)
 }
 
 /// The reply a reader that joined another reader's fill gets.

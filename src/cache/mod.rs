@@ -644,12 +644,14 @@ impl Fill {
                 let item = Item {
                     user: self.fkey.who.user.clone(),
                     db: self.fkey.who.db,
-                    view: self.fkey.view.clone(),
+                    // Copies: the request's arguments share the client's read buffer, which a
+                    // cached entry must not keep alive (nor be charged for).
+                    view: Bytes::copy_from_slice(&self.fkey.view),
                     rule: self.rule,
                     stored,
                     expires: now + ttl,
                 };
-                let key = self.fkey.key.clone();
+                let key = Bytes::copy_from_slice(&self.fkey.key);
                 let mut items = Vec::new();
                 if let Some((k, old)) = cache.store.remove(&key[..]) {
                     account(&cache.rules, &k, &old, -1, None);
