@@ -24,6 +24,11 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 pub const DEFAULT_UPSTREAM: &str = "redis://127.0.0.1:6379";
 /// Default time in-flight commands get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Runtime worker threads by default: one, like Redis's own event loop. Measured on 2 cores
+/// (README "Benchmarks"), a second thread mostly adds wake-ups between the two.
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// Most worker threads accepted.
+pub const MAX_WORKER_THREADS: usize = 64;
 /// Default pipelined connections per (user, database, protocol).
 pub const DEFAULT_POOL_SIZE: usize = 2;
 /// Default upstream connect timeout.
@@ -105,6 +110,8 @@ pub struct Config {
     /// Time in-flight commands get to finish after SIGTERM/SIGINT.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// Threads that run client sessions and upstream connections.
+    pub worker_threads: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (`info`, `debug`, `sidecache=debug,info`…).
@@ -390,6 +397,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.into(),
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            worker_threads: DEFAULT_WORKER_THREADS,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             upstream: UpstreamConfig::default(),
@@ -462,10 +470,11 @@ pub struct ConfigError {
 }
 
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
-const ENV_KEYS: [(&str, &str); 12] = [
+const ENV_KEYS: [(&str, &str); 13] = [
     ("LISTEN", "listen"),
     ("ADMIN_LISTEN", "admin_listen"),
     ("SHUTDOWN_GRACE", "shutdown_grace"),
+    ("WORKER_THREADS", "worker_threads"),
     ("LOG_FORMAT", "log_format"),
     ("LOG_LEVEL", "log_level"),
     ("UPSTREAM", "upstream.url"),
@@ -550,6 +559,9 @@ impl Config {
             if let Err(e) = resolve(addr) {
                 problems.push(format!("{key}: {e}"));
             }
+        }
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            problems.push(format!("worker_threads: must be between 1 and {MAX_WORKER_THREADS}"));
         }
         match UpstreamTarget::parse(&self.upstream.url) {
             Ok(_) => {}

@@ -85,13 +85,14 @@ fn main() {
         return;
     }
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sidecache: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("sidecache: cannot start the runtime: {e}");
+                std::process::exit(1);
+            }
+        };
     let code = runtime.block_on(run(cli, config));
     std::process::exit(code);
 }
