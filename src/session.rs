@@ -122,6 +122,9 @@ struct State {
     multi_len: usize,
     /// Positions of sidecache's own queued commands (TTL policy), removed from `EXEC`'s reply.
     multi_hidden: Vec<usize>,
+    /// A `SELECT` queued in the transaction: the database the commands queued after it run in,
+    /// and the position of its reply in `EXEC`'s (which says whether it took effect).
+    multi_db: Option<(u32, usize)>,
     watching: bool,
     /// The dedicated connection's state is authoritative for good (connection-scoped commands).
     sticky: bool,
@@ -143,6 +146,7 @@ impl State {
             multi_dirty: false,
             multi_len: 0,
             multi_hidden: Vec::new(),
+            multi_db: None,
             watching: false,
             sticky: false,
             monitor: false,
@@ -745,6 +749,7 @@ impl Reader {
             }
             Kind::Exec | Kind::Discard if self.state.in_multi => {
                 self.pending_guard = self.multi_guard.take();
+                let selected = self.state.multi_db.take();
                 let dirty = self.state.multi_dirty && cmd.kind == Kind::Exec;
                 self.state.in_multi = false;
                 self.state.multi_dirty = false;
@@ -760,7 +765,22 @@ impl Reader {
                     let replies = self.expected_replies(1);
                     let strip = if cmd.kind == Kind::Exec { strip } else { Vec::new() };
                     let extra = PinnedExtra { strip, ..Default::default() };
-                    self.send_pinned_ext(&[], &cmd.args, replies, meta, None, extra).await?;
+                    // A queued SELECT changed the connection's database if its element of
+                    // EXEC's reply is not an error: wait for the reply to know.
+                    let selected = selected.filter(|_| cmd.kind == Kind::Exec && replies == 1);
+                    let (tx, rx) = oneshot::channel();
+                    let report = selected.is_some().then_some(tx);
+                    let sent = self.send_pinned_ext(&[], &cmd.args, replies, meta, report, extra).await?;
+                    if let Some((db, at)) = selected
+                        && sent
+                    {
+                        self.flush().await?;
+                        if let Ok(reply) = rx.await
+                            && select_took_effect(&reply, at)
+                        {
+                            self.state.db = db;
+                        }
+                    }
                 }
             }
             Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
@@ -1131,7 +1151,11 @@ impl Reader {
 
     /// Sends a command where the session's commands go now.
     async fn forward(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
-        let plan = self.policy.ttl.plan(cmd, self.state.db);
+        let db = match self.state.multi_db {
+            Some((db, _)) if self.state.in_multi => db,
+            _ => self.state.db,
+        };
+        let plan = self.policy.ttl.plan(cmd, db);
         let (args, tail) = match plan {
             Plan::Forward => (&cmd.args, Vec::new()),
             Plan::Rewrite(ref args) => (args, Vec::new()),
@@ -1273,8 +1297,18 @@ impl Reader {
         if self.state.in_multi {
             // Queued: it takes effect at EXEC, on this connection, which is kept for good.
             self.state.sticky = true;
+            let at = self.state.multi_len;
+            let shown = at - self.state.multi_hidden.iter().filter(|&&h| h < at).count();
             let replies = self.expected_replies(1);
-            self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+            let sent = self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+            // The commands queued after it run in that database: the TTL policy plans them so.
+            if sent
+                && cmd.kind == Kind::Select
+                && let Some(db) = cmd.args.get(1).and_then(|a| crate::protocol::request::parse_i64(a))
+                && let Ok(db) = u32::try_from(db)
+            {
+                self.state.multi_db = Some((db, shown));
+            }
             return Ok(());
         }
         let Some(reply) = self.pinned_with_report(cmd, meta).await? else {
@@ -1625,6 +1659,15 @@ fn charged_reply(r: Result<crate::upstream::mux::Reply, oneshot::error::RecvErro
         }
         Ok(Err(e)) => (e.to_reply(), 0),
         Err(_) => (UpstreamError::Lost.to_reply(), 0),
+    }
+}
+
+/// Whether element `at` of an `EXEC` reply (a queued `SELECT`'s) is a success.
+fn select_took_effect(exec_reply: &Bytes, at: usize) -> bool {
+    use crate::protocol::value::{self, Value};
+    match value::parse(exec_reply) {
+        Some(Value::Agg(_, items)) => matches!(items.get(at), Some(Value::Simple(_))),
+        _ => false,
     }
 }
 

@@ -564,6 +564,48 @@ async fn rules_restricted_to_a_database_apply_only_there() {
     assert!(rig.pttl("t:db1").await > 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_select_queued_in_multi_moves_the_rules_to_that_database() {
+    let mut rig = Rig::start().await;
+    // Commands queued after SELECT 2 run in db 2 at EXEC: they get db 2's rules.
+    rig.both(&["MULTI"]).await;
+    rig.both(&["SET", "d2:before", "v"]).await;
+    rig.both(&["SELECT", "2"]).await;
+    rig.both(&["SET", "d2:in", "v"]).await;
+    rig.both(&["HSET", "d2:h", "f", "v"]).await;
+    let exec = rig.both(&["EXEC"]).await;
+    assert_eq!(exec, b("*4\r\n+OK\r\n+OK\r\n+OK\r\n:1\r\n"), "EXEC has exactly the client's elements");
+    assert_eq!(rig.pttl_in("0", "d2:before").await, -1, "queued before the SELECT: db 0, no rule");
+    for k in ["d2:in", "d2:h"] {
+        let ttl = rig.pttl_in("2", k).await;
+        assert!(ttl > 0 && ttl <= 50_000, "{k} queued after SELECT 2 runs in db 2 and gets its rule: {ttl}");
+    }
+    // After EXEC the connection stays in db 2, and so do the rules.
+    rig.both(&["SET", "d2:after", "v"]).await;
+    let ttl = rig.pttl_in("2", "d2:after").await;
+    assert!(ttl > 0 && ttl <= 50_000, "after EXEC the session is in db 2: {ttl}");
+    // A queued SELECT that fails at EXEC changes nothing: the session stays in db 2.
+    rig.both(&["MULTI"]).await;
+    rig.both(&["SELECT", "99"]).await;
+    rig.both(&["EXEC"]).await;
+    rig.both(&["SET", "d2:still", "v"]).await;
+    let ttl = rig.pttl_in("2", "d2:still").await;
+    assert!(ttl > 0 && ttl <= 50_000, "a failed SELECT leaves the session in db 2: {ttl}");
+    // A discarded SELECT changes nothing either.
+    rig.both(&["MULTI"]).await;
+    rig.both(&["SELECT", "0"]).await;
+    rig.both(&["DISCARD"]).await;
+    rig.both(&["SET", "d2:kept", "v"]).await;
+    let ttl = rig.pttl_in("2", "d2:kept").await;
+    assert!(ttl > 0 && ttl <= 50_000, "a discarded SELECT leaves the session in db 2: {ttl}");
+    // And a SELECT that took effect in a transaction moves the session back out of db 2.
+    rig.both(&["MULTI"]).await;
+    rig.both(&["SELECT", "0"]).await;
+    rig.both(&["EXEC"]).await;
+    rig.both(&["SET", "d2:back", "v"]).await;
+    assert_eq!(rig.pttl_in("0", "d2:back").await, -1, "back in db 0, where the db 2 rule does not apply");
+}
+
 /// A default TTL, as the `t:` rule gives it.
 fn is_default(ttl: i64) -> bool {
     ttl > 0 && ttl <= DEFAULT_MS
