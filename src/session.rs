@@ -5,9 +5,10 @@
 //! and the ordering of replies. Does not own: framing (`protocol`), command recognition
 //! (`command`) or the upstream sockets (`upstream`).
 //!
-//! One task per client, running two futures. The *reader* parses a batch, decides for each command, and pushes one
-//! reply *slot* per command, in order, onto a bounded channel (the bound is `max_pipeline`: when
-//! the client's replies pile up, the reader stops reading it). The *writer* resolves slots in
+//! One task per client, running two futures. The *reader* parses a batch, decides for each
+//! command, and pushes one reply *slot* per command, in order, onto a bounded channel (the bound
+//! is `max_pipeline`: when the client's replies pile up, the reader stops reading it). The
+//! *writer* resolves slots in
 //! order — a local reply, a oneshot filled by a multiplexed connection, or N frames from the
 //! session's dedicated connection — and writes everything that is ready in one write.
 //!
@@ -159,6 +160,11 @@ impl State {
 
     fn key(&self) -> PoolKey {
         PoolKey { creds: self.creds.clone(), db: self.db, proto: self.proto }
+    }
+
+    /// `self.key() == *key`, without building the key.
+    fn has_key(&self, key: &PoolKey) -> bool {
+        key.db == self.db && key.proto == self.proto && key.creds == self.creds
     }
 
     fn needs_pin(&self) -> bool {
@@ -591,11 +597,8 @@ impl Reader {
 
     /// Makes `self.pool` a live connection of the pool for the session's current state.
     async fn ensure_pool(&mut self) -> Result<(), UpstreamError> {
-        let st = &self.state;
         if let Some((k, h)) = &self.pool
-            && k.db == st.db
-            && k.proto == st.proto
-            && k.creds == st.creds
+            && self.state.has_key(k)
             && h.is_alive()
         {
             return Ok(());

@@ -627,6 +627,30 @@ async fn writes_rewritten_by_the_ttl_policy_are_still_read_back() {
 /// invalidation to explain a difference before it counts one.
 const VERIFY_GRACE: Duration = Duration::from_secs(1);
 
+/// Redis with `master:v` = `old`, a fault relay in front of it, a client straight to Redis, and
+/// a verifying instance behind the relay with a client of its own.
+struct VerifyRig {
+    redis: RedisServer,
+    relay: Relay,
+    direct: Client,
+    proxy: ProxyProcess,
+    dir: std::path::PathBuf,
+    c: Client,
+}
+
+impl VerifyRig {
+    async fn start(rate: f64) -> VerifyRig {
+        let redis = RedisServer::start();
+        let relay = Relay::start(redis.port).await;
+        let mut direct = Client::connect(&redis.addr()).await;
+        // Written before the link exists, so no invalidation of it can void the first fill.
+        direct.cmd(&["SET", "master:v", "old"]).await;
+        let (proxy, dir) = verifying_instance(&relay, rate).await;
+        let c = Client::connect(&proxy.addr.to_string()).await;
+        VerifyRig { redis, relay, direct, proxy, dir, c }
+    }
+}
+
 /// An instance (the binary, so that `/metrics` is its own) behind a fault relay, caching
 /// `master:`, verifying `rate` of its hits, with a heartbeat timeout far beyond any test's
 /// length: a muted link then loses invalidations without the cache being declared down.
@@ -666,13 +690,7 @@ async fn redis_gets(redis: &RedisServer) -> u64 {
 
 #[tokio::test]
 async fn shadow_verify_counts_a_stale_hit_and_drops_the_entry() {
-    let redis = RedisServer::start();
-    let relay = Relay::start(redis.port).await;
-    let mut direct = Client::connect(&redis.addr()).await;
-    // Written before the link exists, so no invalidation of it can void the first fill.
-    direct.cmd(&["SET", "master:v", "old"]).await;
-    let (proxy, dir) = verifying_instance(&relay, 1.0).await;
-    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    let VerifyRig { redis, relay, mut direct, proxy, dir, mut c } = VerifyRig::start(1.0).await;
     assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "fill");
     assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "hit");
     assert_eq!((stat(&mut c, "misses").await, stat(&mut c, "hits").await), (1, 1));
@@ -706,13 +724,7 @@ async fn shadow_verify_counts_a_stale_hit_and_drops_the_entry() {
 
 #[tokio::test]
 async fn shadow_verify_counts_nothing_when_invalidations_arrive() {
-    let redis = RedisServer::start();
-    let relay = Relay::start(redis.port).await;
-    let mut direct = Client::connect(&redis.addr()).await;
-    // Written before the link exists, so no invalidation of it can void the first fill.
-    direct.cmd(&["SET", "master:v", "old"]).await;
-    let (proxy, dir) = verifying_instance(&relay, 1.0).await;
-    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    let VerifyRig { redis, relay, mut direct, proxy, dir, mut c } = VerifyRig::start(1.0).await;
     assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
     for _ in 0..5 {
         assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
@@ -746,13 +758,7 @@ async fn shadow_verify_counts_nothing_when_invalidations_arrive() {
 
 #[tokio::test]
 async fn shadow_verify_off_counts_nothing_even_when_stale() {
-    let redis = RedisServer::start();
-    let relay = Relay::start(redis.port).await;
-    let mut direct = Client::connect(&redis.addr()).await;
-    // Written before the link exists, so no invalidation of it can void the first fill.
-    direct.cmd(&["SET", "master:v", "old"]).await;
-    let (proxy, dir) = verifying_instance(&relay, 0.0).await;
-    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    let VerifyRig { redis, relay, mut direct, proxy, dir, mut c } = VerifyRig::start(0.0).await;
     assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"));
     relay.mute_link(true);
     direct.cmd(&["SET", "master:v", "new"]).await;

@@ -576,34 +576,31 @@ async fn a_select_queued_in_multi_moves_the_rules_to_that_database() {
     let exec = rig.both(&["EXEC"]).await;
     assert_eq!(exec, b("*4\r\n+OK\r\n+OK\r\n+OK\r\n:1\r\n"), "EXEC has exactly the client's elements");
     assert_eq!(rig.pttl_in("0", "d2:before").await, -1, "queued before the SELECT: db 0, no rule");
-    for k in ["d2:in", "d2:h"] {
-        let ttl = rig.pttl_in("2", k).await;
-        assert!(ttl > 0 && ttl <= 50_000, "{k} queued after SELECT 2 runs in db 2 and gets its rule: {ttl}");
-    }
+    assert_db2_rule(&rig, "d2:in", "queued after SELECT 2").await;
+    assert_db2_rule(&rig, "d2:h", "queued after SELECT 2").await;
     // After EXEC the connection stays in db 2, and so do the rules.
     rig.both(&["SET", "d2:after", "v"]).await;
-    let ttl = rig.pttl_in("2", "d2:after").await;
-    assert!(ttl > 0 && ttl <= 50_000, "after EXEC the session is in db 2: {ttl}");
-    // A queued SELECT that fails at EXEC changes nothing: the session stays in db 2.
-    rig.both(&["MULTI"]).await;
-    rig.both(&["SELECT", "99"]).await;
-    rig.both(&["EXEC"]).await;
-    rig.both(&["SET", "d2:still", "v"]).await;
-    let ttl = rig.pttl_in("2", "d2:still").await;
-    assert!(ttl > 0 && ttl <= 50_000, "a failed SELECT leaves the session in db 2: {ttl}");
-    // A discarded SELECT changes nothing either.
-    rig.both(&["MULTI"]).await;
-    rig.both(&["SELECT", "0"]).await;
-    rig.both(&["DISCARD"]).await;
-    rig.both(&["SET", "d2:kept", "v"]).await;
-    let ttl = rig.pttl_in("2", "d2:kept").await;
-    assert!(ttl > 0 && ttl <= 50_000, "a discarded SELECT leaves the session in db 2: {ttl}");
-    // And a SELECT that took effect in a transaction moves the session back out of db 2.
+    assert_db2_rule(&rig, "d2:after", "after EXEC").await;
+    // A queued SELECT that fails at EXEC, or one discarded, changes nothing: still db 2.
+    for (select, end, key) in [("99", "EXEC", "d2:still"), ("0", "DISCARD", "d2:kept")] {
+        rig.both(&["MULTI"]).await;
+        rig.both(&["SELECT", select]).await;
+        rig.both(&[end]).await;
+        rig.both(&["SET", key, "v"]).await;
+        assert_db2_rule(&rig, key, &format!("after SELECT {select} and {end}")).await;
+    }
+    // A SELECT that took effect in a transaction moves the session back out of db 2.
     rig.both(&["MULTI"]).await;
     rig.both(&["SELECT", "0"]).await;
     rig.both(&["EXEC"]).await;
     rig.both(&["SET", "d2:back", "v"]).await;
     assert_eq!(rig.pttl_in("0", "d2:back").await, -1, "back in db 0, where the db 2 rule does not apply");
+}
+
+/// The key is in db 2 with the TTL of the db-2-only rule `d2:` (50 s).
+async fn assert_db2_rule(rig: &Rig, key: &str, when: &str) {
+    let ttl = rig.pttl_in("2", key).await;
+    assert!(ttl > 0 && ttl <= 50_000, "{key} ({when}) should be in db 2 with its rule: PTTL {ttl}");
 }
 
 /// A default TTL, as the `t:` rule gives it.
