@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod session;
+pub mod signal;
 pub mod ttl;
 pub mod upstream;
 

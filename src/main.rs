@@ -85,14 +85,21 @@ fn main() {
         return;
     }
     init_logging(&config);
-    let runtime =
-        match tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads).enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("sidecache: cannot start the runtime: {e}");
-                std::process::exit(1);
-            }
-        };
+    // One worker: a current-thread runtime, which schedules without work-stealing queues.
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.worker_threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidecache: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
     let code = runtime.block_on(run(cli, config));
     std::process::exit(code);
 }

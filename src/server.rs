@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -24,6 +25,7 @@ use crate::config::{Config, redact_url, resolve_addr};
 use crate::metrics::Metrics;
 use crate::protocol::RequestLimits;
 use crate::protocol::reply::ReplyLimits;
+use crate::signal::Signal;
 use crate::upstream::{Creds, Endpoint, Upstream};
 
 /// The parts of the configuration that a reload may change while clients stay connected.
@@ -189,6 +191,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_clients));
         let ids = AtomicU64::new(1);
+        let sessions: Arc<DashMap<u64, Arc<Signal>>> = Arc::new(DashMap::new());
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %redact_url(&config.upstream.url), "Accepting clients.");
         let mut accept_errors = 0u32;
         loop {
@@ -219,16 +222,23 @@ impl Server {
             };
             let id = ids.fetch_add(1, Ordering::Relaxed);
             let ctx = ctx.clone();
-            // A child token per session: polling it never contends on the server-wide one.
-            let stop = shutdown.child_token();
+            // Each session waits on a signal of its own, raised below when the server stops.
+            let stop = Arc::new(Signal::new());
+            sessions.insert(id, stop.clone());
+            let sessions = sessions.clone();
             tracker.spawn(async move {
                 ctx.metrics.clients.increment(1.0);
                 crate::session::serve(stream, ctx.clone(), id, stop).await;
                 ctx.metrics.clients.decrement(1.0);
+                sessions.remove(&id);
                 drop(permit);
             });
         }
         drop(listener);
+        // Accepting has stopped, so no session is added after this.
+        for session in sessions.iter() {
+            session.value().raise();
+        }
         // Waiting for a lock ends now; held locks are released as their clients' sessions end.
         ctx.locks.stop_waiting();
         tracker.close();

@@ -5,12 +5,12 @@
 //! and the ordering of replies. Does not own: framing (`protocol`), command recognition
 //! (`command`) or the upstream sockets (`upstream`).
 //!
-//! One task per client, running two futures. The *reader* parses a batch, decides for each
-//! command, and pushes one reply *slot* per command, in order, onto a bounded channel (the bound
-//! is `max_pipeline`: when the client's replies pile up, the reader stops reading it). The
-//! *writer* resolves slots in
-//! order — a local reply, a oneshot filled by a multiplexed connection, or N frames from the
-//! session's dedicated connection — and writes everything that is ready in one write.
+//! One task per client, running two futures, polled reader first. The *reader* parses a batch,
+//! decides for each command, and pushes one reply *slot* per command, in order, onto a bounded
+//! queue (`SlotQueue`; the bound is `max_pipeline`: when the client's replies pile up, the
+//! reader stops reading it). The *writer* resolves slots in order — a local reply, a oneshot
+//! filled by a multiplexed connection, or N frames from the session's dedicated connection —
+//! and writes everything that is ready in one write.
 //!
 //! Where commands run:
 //! - stateless commands are queued on the session's slot of the pool for its (user, db,
@@ -34,7 +34,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Lookup, NearCache, Who, WriteGuard};
 use crate::command::{Command, Family, Kind, SubKind};
@@ -42,6 +41,7 @@ use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
 use crate::protocol::{RequestError, RequestParser};
 use crate::server::Context;
+use crate::signal::Signal;
 use crate::ttl::Plan;
 use crate::upstream::{
     Batch, Creds, Handshake, MuxHandle, Pinned, PinnedFrame, PoolKey, ReplyBudget, UpstreamError, Waiter,
@@ -210,21 +210,22 @@ enum Stop {
 ///
 /// The reader and the writer are two futures of this one task, not two tasks: a reply that
 /// arrives wakes one task, and handing a slot from reader to writer never crosses threads.
-pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: CancellationToken) {
+pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<Signal>) {
     let _ = stream.set_nodelay(true);
     let policy = ctx.policy.load_full();
-    let kill = CancellationToken::new();
+    let kill = Arc::new(Signal::new());
     let budget = Arc::new(ReplyBudget::new(policy.max_output_bytes, kill.clone()));
     let (rd, wr) = stream.into_split();
-    let (slots_tx, slots_rx) = mpsc::channel(policy.max_pipeline);
+    let slots = Arc::new(SlotQueue::new(policy.max_pipeline));
     let awaiting = Arc::new(AtomicUsize::new(0));
-    let written = CancellationToken::new();
+    let written = Arc::new(Signal::new());
     let writer = {
         let written = written.clone();
-        let write = write_loop(wr, slots_rx, budget.clone(), kill.clone(), ctx.clone(), awaiting.clone());
+        let write =
+            write_loop(wr, SlotReceiver(slots.clone()), budget.clone(), kill.clone(), ctx.clone(), awaiting.clone());
         async move {
             write.await;
-            written.cancel();
+            written.raise();
         }
     };
     let initial = ctx.upstream.initial_key();
@@ -233,7 +234,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         ctx,
         id,
         state: State::new(&initial),
-        slots: slots_tx,
+        slots: SlotSender(slots),
         budget,
         awaiting,
         batch: None,
@@ -248,25 +249,25 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, shutdown: Canc
         policy,
     };
     let reader = async {
-        let stop = session.run(rd, &kill, &shutdown).await;
+        let stop = session.run(rd, &kill, &stopping).await;
         match stop {
             Stop::Abort => {
                 session.pinned = None;
-                kill.cancel();
+                kill.raise();
             }
             Stop::Drain => {
                 let _ = session.flush().await;
-                let _ = session.slots.send(Slot::Close).await;
+                let _ = session.slots.0.push(Slot::Close).await;
                 tokio::select! {
-                    _ = written.cancelled() => {}
-                    _ = tokio::time::sleep(CLOSE_WAIT) => kill.cancel(),
-                    _ = kill.cancelled() => {}
+                    _ = written.raised() => {}
+                    _ = tokio::time::sleep(CLOSE_WAIT) => kill.raise(),
+                    _ = kill.raised() => {}
                 }
             }
         }
         drop(session);
     };
-    tokio::join!(reader, writer);
+    reader_then_writer(reader, writer).await;
     // Leases are tied to the connection: give its locks back now, not when they expire.
     locks.close().await;
 }
@@ -275,7 +276,7 @@ struct Reader {
     ctx: Arc<Context>,
     id: u64,
     state: State,
-    slots: mpsc::Sender<Slot>,
+    slots: SlotSender,
     budget: Arc<ReplyBudget>,
     /// Upstream replies the client is waiting for (the writer counts them down).
     awaiting: Arc<AtomicUsize>,
@@ -299,17 +300,13 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(&mut self, rd: OwnedReadHalf, kill: &CancellationToken, shutdown: &CancellationToken) -> Stop {
+    async fn run(&mut self, rd: OwnedReadHalf, kill: &Signal, stopping: &Signal) -> Stop {
         let mut parser = RequestParser::new();
         let mut buf = BytesMut::new();
         let mut chunk = READ_MIN;
         let mut draining = false;
         let mut frame_started: Option<Instant> = None;
         let metrics = self.ctx.metrics;
-        // Built once: re-creating these futures on every read showed up in profiles.
-        let killed = kill.cancelled();
-        let stopping = shutdown.cancelled();
-        tokio::pin!(killed, stopping);
         let mut rd = rd;
         loop {
             let (frame_deadline, idle_timeout) = (self.policy.frame_deadline, self.policy.idle_timeout);
@@ -333,8 +330,8 @@ impl Reader {
             if !draining {
                 tokio::select! {
                     biased;
-                    _ = &mut killed => return Stop::Abort,
-                    _ = &mut stopping, if !in_frame => draining = true,
+                    _ = kill.raised() => return Stop::Abort,
+                    _ = stopping.raised(), if !in_frame => draining = true,
                     _ = timer => {
                         let kind = deadline.map_or("idle_timeout", |d| d.1);
                         // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
@@ -350,7 +347,7 @@ impl Reader {
                         }
                     }
                 }
-            } else if kill.is_cancelled() {
+            } else if kill.is_raised() {
                 return Stop::Abort;
             }
             // The buffer is kept between reads: once the commands parsed from it are gone, its
@@ -416,7 +413,7 @@ impl Reader {
         if self.flush().await.is_err() {
             return Stop::Abort;
         }
-        let _ = self.slots.send(Slot::Local(e.to_reply(), None)).await;
+        let _ = self.slots.0.push(Slot::Local(e.to_reply(), None)).await;
         Stop::Drain
     }
 
@@ -453,12 +450,12 @@ impl Reader {
         if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..)) {
             self.awaiting.fetch_add(1, Ordering::Relaxed);
         }
-        match self.slots.try_send(slot) {
+        match self.slots.0.try_push(slot) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Abort),
-            Err(mpsc::error::TrySendError::Full(slot)) => {
+            Err(Full::Closed) => Err(Stop::Abort),
+            Err(Full::Full(slot)) => {
                 self.flush().await?;
-                self.slots.send(slot).await.map_err(|_| Stop::Abort)
+                self.slots.0.push(*slot).await.map_err(|_| Stop::Abort)
             }
         }
     }
@@ -1454,12 +1451,161 @@ impl PubSubView {
     }
 }
 
+/// The reply slots between a session's reader and writer, in request order, at most `cap`.
+///
+/// Both futures run in one task and are polled reader first (`reader_then_writer`), so a slot
+/// the reader pushes is seen by the writer in the same poll, with no wake-up and no channel;
+/// the mutex is never contended. Only a reader waiting for room is woken, by the writer.
+struct SlotQueue {
+    inner: std::sync::Mutex<Queue>,
+    cap: usize,
+}
+
+struct Queue {
+    slots: std::collections::VecDeque<Slot>,
+    reader_gone: bool,
+    writer_gone: bool,
+    /// The reader waiting for room.
+    room: Option<std::task::Waker>,
+}
+
+enum Full {
+    /// The queue is at its bound (boxed: a queue is rarely full, and a slot is large).
+    Full(Box<Slot>),
+    Closed,
+}
+
+enum Empty {
+    Empty,
+    Disconnected,
+}
+
+impl SlotQueue {
+    fn new(cap: usize) -> SlotQueue {
+        let queue = Queue { slots: Default::default(), reader_gone: false, writer_gone: false, room: None };
+        SlotQueue { inner: std::sync::Mutex::new(queue), cap: cap.max(1) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_push(&self, slot: Slot) -> Result<(), Full> {
+        let mut q = self.lock();
+        if q.writer_gone {
+            return Err(Full::Closed);
+        }
+        if q.slots.len() >= self.cap {
+            return Err(Full::Full(Box::new(slot)));
+        }
+        q.slots.push_back(slot);
+        Ok(())
+    }
+
+    /// Pushes, waiting for room; fails once the writer is gone.
+    async fn push(&self, slot: Slot) -> Result<(), ()> {
+        let mut slot = Some(slot);
+        std::future::poll_fn(|cx| {
+            let mut q = self.lock();
+            if q.writer_gone {
+                return std::task::Poll::Ready(Err(()));
+            }
+            if q.slots.len() >= self.cap {
+                q.room = Some(cx.waker().clone());
+                return std::task::Poll::Pending;
+            }
+            q.slots.push_back(slot.take().expect("pushed once"));
+            std::task::Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    fn taken(&self, mut q: std::sync::MutexGuard<'_, Queue>) {
+        if q.slots.len() < self.cap
+            && let Some(waker) = q.room.take()
+        {
+            drop(q);
+            waker.wake();
+        }
+    }
+
+    fn try_pop(&self) -> Result<Slot, Empty> {
+        let mut q = self.lock();
+        match q.slots.pop_front() {
+            Some(slot) => {
+                self.taken(q);
+                Ok(slot)
+            }
+            None if q.reader_gone => Err(Empty::Disconnected),
+            None => Err(Empty::Empty),
+        }
+    }
+
+    /// The next slot, or `None` once the reader is gone and every slot is taken. Registers no
+    /// waker: a push happens while the reader is polled, and the writer is polled right after.
+    async fn pop(&self) -> Option<Slot> {
+        std::future::poll_fn(|_| match self.try_pop() {
+            Ok(slot) => std::task::Poll::Ready(Some(slot)),
+            Err(Empty::Disconnected) => std::task::Poll::Ready(None),
+            Err(Empty::Empty) => std::task::Poll::Pending,
+        })
+        .await
+    }
+}
+
+/// The reader's end; dropping it tells the writer that no slot will follow.
+struct SlotSender(Arc<SlotQueue>);
+
+impl Drop for SlotSender {
+    fn drop(&mut self) {
+        self.0.lock().reader_gone = true;
+    }
+}
+
+/// The writer's end; dropping it makes the reader's pushes fail.
+struct SlotReceiver(Arc<SlotQueue>);
+
+impl Drop for SlotReceiver {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.writer_gone = true;
+        let waker = q.room.take();
+        q.slots.clear();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Runs the session's reader and writer to completion in this task, polling the reader first
+/// each time: whatever the reader queued is in front of the writer when the writer is polled
+/// (which `SlotQueue` relies on). `tokio::join!` rotates the order.
+async fn reader_then_writer(
+    reader: impl std::future::Future<Output = ()>,
+    writer: impl std::future::Future<Output = ()>,
+) {
+    let mut reader = std::pin::pin!(reader);
+    let mut writer = std::pin::pin!(writer);
+    let (mut reader_done, mut writer_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !reader_done {
+            reader_done = reader.as_mut().poll(cx).is_ready();
+        }
+        if !writer_done {
+            writer_done = writer.as_mut().poll(cx).is_ready();
+        }
+        if reader_done && writer_done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await
+}
+
 struct Writer {
     wr: OwnedWriteHalf,
     out: BytesMut,
     budget: Arc<ReplyBudget>,
-    /// Completes when the session is killed; built once (it is polled at every wait).
-    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Raised when the session must close at once.
+    kill: Arc<Signal>,
     pinned: Option<mpsc::Receiver<PinnedFrame>>,
     view: PubSubView,
     ctx: Arc<Context>,
@@ -1471,32 +1617,31 @@ struct Closed;
 
 async fn write_loop(
     wr: OwnedWriteHalf,
-    mut slots: mpsc::Receiver<Slot>,
+    mut slots: SlotReceiver,
     budget: Arc<ReplyBudget>,
-    kill: CancellationToken,
+    kill: Arc<Signal>,
     ctx: Arc<Context>,
     awaiting: Arc<AtomicUsize>,
 ) {
-    let killed = Box::pin(kill.cancelled_owned());
     let mut w =
-        Writer { wr, out: BytesMut::new(), budget, killed, pinned: None, view: PubSubView::default(), ctx, awaiting };
+        Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx, awaiting };
     let _ = w.run(&mut slots).await;
     let _ = w.flush().await;
     let _ = w.wr.shutdown().await;
 }
 
 impl Writer {
-    async fn run(&mut self, slots: &mut mpsc::Receiver<Slot>) -> Result<(), Closed> {
+    async fn run(&mut self, slots: &mut SlotReceiver) -> Result<(), Closed> {
         loop {
-            let slot = match slots.try_recv() {
+            let slot = match slots.0.try_pop() {
                 Ok(slot) => slot,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
-                Err(mpsc::error::TryRecvError::Empty) => {
+                Err(Empty::Disconnected) => return Ok(()),
+                Err(Empty::Empty) => {
                     self.flush().await?;
                     tokio::select! {
                         biased;
-                        _ = &mut self.killed => return Err(Closed),
-                        slot = slots.recv() => match slot {
+                        _ = self.kill.raised() => return Err(Closed),
+                        slot = slots.0.pop() => match slot {
                             Some(slot) => slot,
                             None => return Ok(()),
                         },
@@ -1520,7 +1665,7 @@ impl Writer {
                         Err(oneshot::error::TryRecvError::Empty) => {
                             self.flush().await?;
                             tokio::select! {
-                                _ = &mut self.killed => return Err(Closed),
+                                _ = self.kill.raised() => return Err(Closed),
                                 r = rx => r.unwrap_or(Err(UpstreamError::Lost)),
                             }
                         }
@@ -1543,7 +1688,7 @@ impl Writer {
                             None => {
                                 self.flush().await?;
                                 tokio::select! {
-                                    _ = &mut self.killed => return Err(Closed),
+                                    _ = self.kill.raised() => return Err(Closed),
                                     r = fut => r,
                                 }
                             }
@@ -1562,7 +1707,7 @@ impl Writer {
                             _ => {
                                 self.flush().await?;
                                 tokio::select! {
-                                    _ = &mut self.killed => return Err(Closed),
+                                    _ = self.kill.raised() => return Err(Closed),
                                     f = recv_pinned(&mut self.pinned) => f,
                                 }
                             }
@@ -1640,7 +1785,7 @@ impl Writer {
         }
         let result = tokio::select! {
             r = self.wr.write_all(&self.out) => r,
-            _ = &mut self.killed => return Err(Closed),
+            _ = self.kill.raised() => return Err(Closed),
         };
         result.map_err(|_| Closed)?;
         if self.out.capacity() > FLUSH_AT * 4 {

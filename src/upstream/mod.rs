@@ -118,12 +118,12 @@ pub struct ReplyBudget {
     pending: AtomicUsize,
     cap: usize,
     over: AtomicBool,
-    kill: CancellationToken,
+    kill: Arc<crate::signal::Signal>,
 }
 
 impl ReplyBudget {
-    /// A budget of `cap` bytes; exceeding it cancels `kill`.
-    pub fn new(cap: usize, kill: CancellationToken) -> Self {
+    /// A budget of `cap` bytes; exceeding it raises `kill`.
+    pub fn new(cap: usize, kill: Arc<crate::signal::Signal>) -> Self {
         Self { pending: AtomicUsize::new(0), cap, over: AtomicBool::new(false), kill }
     }
 
@@ -138,7 +138,7 @@ impl ReplyBudget {
                 Metrics::get().protocol_error("output_buffer");
                 tracing::debug!(pending = now, cap = self.cap, "Client output buffer limit exceeded; closing.");
             }
-            self.kill.cancel();
+            self.kill.raise();
             return false;
         }
         true
