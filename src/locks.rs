@@ -495,7 +495,7 @@ impl Locks {
         for cmd in cmds {
             let (tx, rx) = oneshot::channel();
             encode::command(&mut batch.payload, cmd);
-            batch.waiters.push(Waiter { tx, budget: None });
+            batch.waiters.push(Waiter::one(tx, None));
             replies.push(rx);
         }
         if handle.send(batch).await.is_err() {

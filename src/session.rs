@@ -64,12 +64,49 @@ struct Meta {
     start: Instant,
 }
 
+/// The commands of a slot, for the metrics: usually one.
+enum Metas {
+    One(Meta),
+    Many(Vec<Meta>),
+}
+
+impl Metas {
+    fn len(&self) -> usize {
+        match self {
+            Metas::One(_) => 1,
+            Metas::Many(v) => v.len(),
+        }
+    }
+
+    fn push(&mut self, meta: Meta) {
+        match self {
+            Metas::One(first) => *self = Metas::Many(vec![*first, meta]),
+            Metas::Many(v) => v.push(meta),
+        }
+    }
+
+    fn as_slice(&self) -> &[Meta] {
+        match self {
+            Metas::One(m) => std::slice::from_ref(m),
+            Metas::Many(v) => v,
+        }
+    }
+}
+
+/// Pooled commands queued back to back, not yet closed into a waiter and a slot.
+struct Group {
+    tx: oneshot::Sender<crate::upstream::mux::Reply>,
+    rx: oneshot::Receiver<crate::upstream::mux::Reply>,
+    metas: Metas,
+}
+
 /// One reply position in the client's stream.
 enum Slot {
     /// A reply sidecache computed.
     Local(Bytes, Option<Meta>),
-    /// A reply coming from a multiplexed connection.
-    Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Meta),
+    /// The replies to one or more consecutive commands, coming back to back from a
+    /// multiplexed connection; one `Meta` per command.
+    Upstream(oneshot::Receiver<crate::upstream::mux::Reply>, Metas),
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
     Later(Later, Meta),
@@ -238,6 +275,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
         budget,
         awaiting,
         batch: None,
+        group: None,
         pinned: None,
         pinned_out: BytesMut::new(),
         target: Target::Nowhere,
@@ -282,6 +320,8 @@ struct Reader {
     awaiting: Arc<AtomicUsize>,
     /// Commands for the multiplexed connection, sent at the end of the read batch.
     batch: Option<(MuxHandle, Batch)>,
+    /// Consecutive commands at the end of `batch` that share one waiter and one slot.
+    group: Option<Group>,
     pinned: Option<Pinned>,
     /// Commands for the dedicated connection, written at the end of the read batch.
     pinned_out: BytesMut,
@@ -420,8 +460,9 @@ impl Reader {
     /// Pushes a slot; before waiting for room, sends what is queued so the writer can progress.
     async fn push(&mut self, slot: Slot) -> Result<(), Stop> {
         // A write's near-cache guard is released once its reply is in, before the client sees it.
+        self.close_group().await?;
         let slot = match (self.pending_guard.take(), slot) {
-            (Some(guard), Slot::Upstream(rx, meta)) => Slot::Later(
+            (Some(guard), Slot::Upstream(rx, Metas::One(meta))) => Slot::Later(
                 Box::pin(async move {
                     let reply = rx.await;
                     drop(guard);
@@ -447,6 +488,11 @@ impl Reader {
                 slot
             }
         };
+        self.push_slot(slot).await
+    }
+
+    /// Pushes a slot as it is; waits for room (sending what is queued first).
+    async fn push_slot(&mut self, slot: Slot) -> Result<(), Stop> {
         if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..)) {
             self.awaiting.fetch_add(1, Ordering::Relaxed);
         }
@@ -454,7 +500,8 @@ impl Reader {
             Ok(()) => Ok(()),
             Err(Full::Closed) => Err(Stop::Abort),
             Err(Full::Full(slot)) => {
-                self.flush().await?;
+                // No group is open here (pushing closes it first): send what is queued.
+                self.send_queued().await?;
                 self.slots.0.push(*slot).await.map_err(|_| Stop::Abort)
             }
         }
@@ -478,6 +525,12 @@ impl Reader {
 
     /// Sends queued commands to their connections.
     async fn flush(&mut self) -> Result<(), Stop> {
+        self.close_group().await?;
+        self.send_queued().await
+    }
+
+    /// Sends the batch and the dedicated connection's commands as they are.
+    async fn send_queued(&mut self) -> Result<(), Stop> {
         if let Some((handle, batch)) = self.batch.take()
             && let Err(batch) = handle.send(batch).await
         {
@@ -523,10 +576,55 @@ impl Reader {
 
     /// Queues a command on the session's multiplexed connection.
     async fn send_pooled(&mut self, args: &[Bytes], meta: Meta) -> Result<(), Stop> {
-        match self.queue_pooled(args).await? {
-            Ok(rx) => self.push(Slot::Upstream(rx, meta)).await,
-            Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+        // A write the near-cache guards gets a slot of its own (the guard goes with it).
+        if self.pending_guard.is_some() {
+            return match self.queue_pooled(args).await? {
+                Ok(rx) => self.push(Slot::Upstream(rx, Metas::One(meta))).await,
+                Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
+            };
         }
+        self.switch(Target::Pool).await?;
+        if let Err(e) = self.ensure_pool().await {
+            return self.push(Slot::Local(e.to_reply(), Some(meta))).await;
+        }
+        // Consecutive commands of one read share one waiter and one slot: their replies come
+        // back to back. An open group always belongs to the current batch (sending the batch,
+        // or pushing any other slot or waiter, closes it first).
+        if self.batch_is_current()
+            && let Some(group) = &mut self.group
+        {
+            let Some((_, batch)) = &mut self.batch else { unreachable!("an open group has a batch") };
+            encode::command(&mut batch.payload, args);
+            group.metas.push(meta);
+            return Ok(());
+        }
+        if !self.batch_is_current() {
+            self.flush().await?;
+            let Some((_, handle)) = &self.pool else {
+                return self.push(Slot::Local(UpstreamError::Lost.to_reply(), Some(meta))).await;
+            };
+            self.batch = Some((handle.clone(), Batch::default()));
+        }
+        let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
+        encode::command(&mut batch.payload, args);
+        let (tx, rx) = oneshot::channel();
+        self.group = Some(Group { tx, rx, metas: Metas::One(meta) });
+        self.sent_since_barrier = true;
+        Ok(())
+    }
+
+    /// True when `self.batch` is for the session's current pool connection.
+    fn batch_is_current(&self) -> bool {
+        matches!((&self.batch, &self.pool), (Some((h, _)), Some((_, handle))) if h.is_same(handle))
+    }
+
+    /// Ends the open group: its waiter joins the batch, its slot the queue.
+    async fn close_group(&mut self) -> Result<(), Stop> {
+        let Some(group) = self.group.take() else { return Ok(()) };
+        let Some((_, batch)) = &mut self.batch else { unreachable!("an open group has a batch") };
+        let replies = group.metas.len();
+        batch.waiters.push(Waiter { tx: group.tx, budget: Some(self.budget.clone()), replies });
+        self.push_slot(Slot::Upstream(group.rx, group.metas)).await
     }
 
     /// Queues a command on the multiplexed connection without a reply slot: the caller decides
@@ -539,8 +637,9 @@ impl Reader {
         if let Err(e) = self.ensure_pool().await {
             return Ok(Err(e));
         }
+        self.close_group().await?;
         let (tx, rx) = oneshot::channel();
-        let waiter = Waiter { tx, budget: Some(self.budget.clone()) };
+        let waiter = Waiter::one(tx, Some(self.budget.clone()));
         match (&mut self.batch, &self.pool) {
             (Some((h, batch)), Some((_, handle))) if h.is_same(handle) => {
                 encode::command(&mut batch.payload, args);
@@ -569,8 +668,8 @@ impl Reader {
         if let Err(e) = self.ensure_pool().await {
             return Ok(Err(e));
         }
-        let current = matches!((&self.batch, &self.pool), (Some((h, _)), Some((_, handle))) if h.is_same(handle));
-        if !current {
+        self.close_group().await?;
+        if !self.batch_is_current() {
             self.flush().await?;
             let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
             self.batch = Some((handle.clone(), Batch::default()));
@@ -580,7 +679,7 @@ impl Reader {
         for args in cmds {
             let (tx, rx) = oneshot::channel();
             encode::command(&mut batch.payload, args);
-            batch.waiters.push(Waiter { tx, budget: Some(self.budget.clone()) });
+            batch.waiters.push(Waiter::one(tx, Some(self.budget.clone())));
             rxs.push(rx);
         }
         self.sent_since_barrier = true;
@@ -1459,6 +1558,10 @@ impl PubSubView {
 struct SlotQueue {
     inner: std::sync::Mutex<Queue>,
     cap: usize,
+    /// Slots queued, and whether the reader is gone: the writer checks for an empty queue,
+    /// which it does at every poll, without taking the lock.
+    len: AtomicUsize,
+    reader_gone: std::sync::atomic::AtomicBool,
 }
 
 struct Queue {
@@ -1483,7 +1586,12 @@ enum Empty {
 impl SlotQueue {
     fn new(cap: usize) -> SlotQueue {
         let queue = Queue { slots: Default::default(), reader_gone: false, writer_gone: false, room: None };
-        SlotQueue { inner: std::sync::Mutex::new(queue), cap: cap.max(1) }
+        SlotQueue {
+            inner: std::sync::Mutex::new(queue),
+            cap: cap.max(1),
+            len: AtomicUsize::new(0),
+            reader_gone: Default::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -1499,6 +1607,7 @@ impl SlotQueue {
             return Err(Full::Full(Box::new(slot)));
         }
         q.slots.push_back(slot);
+        self.len.store(q.slots.len(), Ordering::Release);
         Ok(())
     }
 
@@ -1515,6 +1624,7 @@ impl SlotQueue {
                 return std::task::Poll::Pending;
             }
             q.slots.push_back(slot.take().expect("pushed once"));
+            self.len.store(q.slots.len(), Ordering::Release);
             std::task::Poll::Ready(Ok(()))
         })
         .await
@@ -1530,9 +1640,13 @@ impl SlotQueue {
     }
 
     fn try_pop(&self) -> Result<Slot, Empty> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Err(if self.reader_gone.load(Ordering::Acquire) { Empty::Disconnected } else { Empty::Empty });
+        }
         let mut q = self.lock();
         match q.slots.pop_front() {
             Some(slot) => {
+                self.len.store(q.slots.len(), Ordering::Release);
                 self.taken(q);
                 Ok(slot)
             }
@@ -1559,6 +1673,7 @@ struct SlotSender(Arc<SlotQueue>);
 impl Drop for SlotSender {
     fn drop(&mut self) {
         self.0.lock().reader_gone = true;
+        self.0.reader_gone.store(true, Ordering::Release);
     }
 }
 
@@ -1571,6 +1686,7 @@ impl Drop for SlotReceiver {
         q.writer_gone = true;
         let waker = q.room.take();
         q.slots.clear();
+        self.0.len.store(0, Ordering::Release);
         drop(q);
         if let Some(waker) = waker {
             waker.wake();
@@ -1658,13 +1774,14 @@ impl Writer {
                     self.out.extend_from_slice(&reply);
                     self.record(meta);
                 }
-                Slot::Upstream(mut rx, meta) => {
+                Slot::Upstream(mut rx, metas) => {
                     let reply = match rx.try_recv() {
                         Ok(r) => r,
                         Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::Lost),
                         Err(oneshot::error::TryRecvError::Empty) => {
                             self.flush().await?;
                             tokio::select! {
+                                biased;
                                 _ = self.kill.raised() => return Err(Closed),
                                 r = rx => r.unwrap_or(Err(UpstreamError::Lost)),
                             }
@@ -1675,10 +1792,18 @@ impl Writer {
                             self.budget.release(bytes.len());
                             self.out.extend_from_slice(&bytes);
                         }
-                        Err(e) => self.out.extend_from_slice(&e.to_reply()),
+                        // The connection failed: one error per command, as each would have got.
+                        Err(e) => {
+                            let reply = e.to_reply();
+                            for _ in 0..metas.len() {
+                                self.out.extend_from_slice(&reply);
+                            }
+                        }
                     }
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
-                    self.record(Some(meta));
+                    for meta in metas.as_slice() {
+                        self.record(Some(*meta));
+                    }
                 }
                 Slot::Later(fut, meta) => {
                     let (bytes, charged) = {
@@ -1688,6 +1813,7 @@ impl Writer {
                             None => {
                                 self.flush().await?;
                                 tokio::select! {
+                                    biased;
                                     _ = self.kill.raised() => return Err(Closed),
                                     r = fut => r,
                                 }
@@ -1707,6 +1833,7 @@ impl Writer {
                             _ => {
                                 self.flush().await?;
                                 tokio::select! {
+                                    biased;
                                     _ = self.kill.raised() => return Err(Closed),
                                     f = recv_pinned(&mut self.pinned) => f,
                                 }
@@ -1784,6 +1911,7 @@ impl Writer {
             return Ok(());
         }
         let result = tokio::select! {
+            biased;
             r = self.wr.write_all(&self.out) => r,
             _ = self.kill.raised() => return Err(Closed),
         };

@@ -45,11 +45,40 @@ impl FrameReader {
 
     /// Returns the next complete reply already in the buffer, without reading.
     pub fn buffered(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        if self.buf.is_empty() {
-            return Ok(None);
+        Ok(self.buffered_many(1)?.map(|(frame, _)| frame))
+    }
+
+    /// Returns up to `max` complete replies already in the buffer as one span of bytes, and
+    /// how many replies it holds (at least one), without reading.
+    pub fn buffered_many(&mut self, max: usize) -> Result<Option<(Bytes, usize)>, UpstreamError> {
+        let (mut end, mut count) = (0, 0);
+        // The scanner's state is relative to `buf[end..]`: an incomplete reply left behind is
+        // at the front of the buffer once the span before it is taken.
+        while count < max && end < self.buf.len() {
+            match self.scanner.scan(&self.buf[end..], &self.limits).map_err(UpstreamError::Protocol)? {
+                Some(n) => {
+                    end += n;
+                    count += 1;
+                }
+                None => break,
+            }
         }
-        let n = self.scanner.scan(&self.buf, &self.limits).map_err(UpstreamError::Protocol)?;
-        Ok(n.map(|n| self.buf.split_to(n).freeze()))
+        Ok((count > 0).then(|| (self.buf.split_to(end).freeze(), count)))
+    }
+
+    /// True when bytes are buffered that no reply has been taken from yet.
+    pub fn has_bytes(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Reads once from the stream into the buffer.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<(), UpstreamError> {
+        self.buf.reserve(READ_CHUNK);
+        let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
+        if n == 0 {
+            return Err(UpstreamError::Closed);
+        }
+        Ok(())
     }
 
     /// Returns the next complete reply, exactly as Redis sent it.
@@ -58,11 +87,7 @@ impl FrameReader {
             if let Some(frame) = self.buffered()? {
                 return Ok(frame);
             }
-            self.buf.reserve(READ_CHUNK);
-            let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
-            if n == 0 {
-                return Err(UpstreamError::Closed);
-            }
+            self.fill(rd).await?;
         }
     }
 }

@@ -1,10 +1,12 @@
 //! A multiplexed, pipelined upstream connection shared by many sessions.
 //!
 //! Owns: one socket, driven by two tasks. The writer takes every batch queued on a bounded
-//! channel, records each command's waiter in the in-flight FIFO *before* writing, and writes all
-//! queued batches in one system call; the reader frames replies and hands each to the oldest
+//! channel, records the batches' waiters in the in-flight FIFO *before* writing, and writes all
+//! queued batches in one system call; the reader frames replies and hands them to the oldest
 //! waiter. Redis answers a connection's commands in order, so the FIFO matches replies to
-//! commands. Waiters whose session is gone are skipped (their reply is dropped).
+//! commands. A waiter may take the replies of several consecutive commands of one session:
+//! they arrive back to back and are handed over as one span. Waiters whose session is gone are
+//! skipped (their replies are dropped).
 //!
 //! When the socket fails, every waiter gets an error and the handle reports itself dead, so the
 //! pool opens a fresh connection: a late reply can never be handed to the wrong command.
@@ -27,22 +29,52 @@ use crate::metrics::Metrics;
 /// The answer to one forwarded command.
 pub type Reply = Result<Bytes, UpstreamError>;
 
-/// Where one command's reply goes.
+/// Where the replies to one or more consecutive commands go.
 #[derive(Debug)]
 pub struct Waiter {
-    /// The session's slot for this reply.
+    /// Gets the replies, back to back, once all have arrived.
     pub tx: oneshot::Sender<Reply>,
-    /// The session's output budget, charged when the reply arrives.
+    /// The session's output budget, charged as the replies arrive.
     pub budget: Option<Arc<ReplyBudget>>,
+    /// How many consecutive commands' replies this waiter takes (at least one).
+    pub replies: usize,
 }
 
-/// Commands encoded back to back, and one waiter per command, in order.
+impl Waiter {
+    /// A waiter for the reply to one command.
+    pub fn one(tx: oneshot::Sender<Reply>, budget: Option<Arc<ReplyBudget>>) -> Waiter {
+        Waiter { tx, budget, replies: 1 }
+    }
+}
+
+/// Commands encoded back to back, and their waiters, in order.
 #[derive(Debug, Default)]
 pub struct Batch {
     /// The encoded commands.
     pub payload: BytesMut,
-    /// One waiter per command in `payload`.
+    /// The waiters, in order; their `replies` add up to the commands in `payload`.
     pub waiters: Vec<Waiter>,
+}
+
+/// A waiter whose replies have partly arrived.
+struct Partial {
+    waiter: Waiter,
+    /// Replies still to come.
+    left: usize,
+    /// Replies so far; `None` once the session's budget refused them (the rest is dropped).
+    got: Option<BytesMut>,
+}
+
+impl Partial {
+    fn add(&mut self, span: Bytes) {
+        if let Some(got) = &mut self.got {
+            if self.waiter.budget.as_ref().is_none_or(|b| b.charge(span.len())) {
+                got.extend_from_slice(&span);
+            } else {
+                self.got = None;
+            }
+        }
+    }
 }
 
 struct InFlight {
@@ -118,6 +150,7 @@ async fn write_loop(
     tokio::pin!(stopped);
     loop {
         let first = tokio::select! {
+            biased;
             _ = &mut stopped => break,
             b = rx.recv() => match b {
                 Some(b) => b,
@@ -158,13 +191,13 @@ async fn write_loop(
         }
         let result = if batches.len() == 1 {
             let payload = std::mem::take(&mut batches[0].payload);
-            tokio::select! { r = wr.write_all(&payload) => r, _ = &mut stopped => break }
+            tokio::select! { biased; r = wr.write_all(&payload) => r, _ = &mut stopped => break }
         } else {
             out.clear();
             for b in &batches {
                 out.extend_from_slice(&b.payload);
             }
-            tokio::select! { r = wr.write_all(&out) => r, _ = &mut stopped => break }
+            tokio::select! { biased; r = wr.write_all(&out) => r, _ = &mut stopped => break }
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "Upstream write failed; dropping the connection.");
@@ -196,11 +229,14 @@ async fn read_loop(
         if timeout.is_zero() { Duration::from_secs(3600) } else { (timeout / 4).max(Duration::from_millis(5)) };
     let mut stall_check = tokio::time::interval(period);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut partial: Option<Partial> = None;
+    let mut ready = Vec::new();
     let err = loop {
-        let frame = tokio::select! {
+        let filled = tokio::select! {
+            biased;
             _ = &mut stopped => break UpstreamError::Lost,
-            // `next` keeps its state in `reader`, so interrupting it loses no bytes.
-            f = reader.next(&mut rd) => f,
+            // `fill` keeps what it read in `reader`, so interrupting it loses no bytes.
+            f = reader.fill(&mut rd) => f,
             _ = stall_check.tick() => {
                 let q = inflight.lock().unwrap_or_else(|p| p.into_inner());
                 if !timeout.is_zero() && !q.waiters.is_empty() && q.progress.elapsed() > timeout {
@@ -210,54 +246,17 @@ async fn read_loop(
                 continue;
             }
         };
-        match frame {
-            Ok(frame) => {
-                // Every reply already read is handed out under one lock, without going back
-                // to the select (whose branches cost a poll each) per reply.
-                let mut frames = vec![frame];
-                let mut scan_error = None;
-                loop {
-                    match reader.buffered() {
-                        Ok(Some(f)) => frames.push(f),
-                        Ok(None) => break,
-                        Err(e) => {
-                            scan_error = Some(e);
-                            break;
-                        }
-                    }
-                }
-                let waiters: Vec<Option<Waiter>> = {
-                    let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                    q.progress = Instant::now();
-                    frames.iter().map(|_| q.waiters.pop_front()).collect()
-                };
-                let mut orphan = false;
-                for (frame, waiter) in frames.into_iter().zip(waiters) {
-                    let Some(waiter) = waiter else {
-                        orphan = true;
-                        break;
-                    };
-                    if waiter.budget.as_ref().is_none_or(|b| b.charge(frame.len())) {
-                        let _ = waiter.tx.send(Ok(frame));
-                    }
-                }
-                if orphan {
-                    tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
-                    break UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength);
-                }
-                if let Some(e) = scan_error {
-                    Metrics::get().protocol_error("upstream_reply");
-                    tracing::warn!(error = %e, "Upstream connection ended.");
-                    break e;
-                }
+        let handed = filled.and_then(|()| hand_out(&mut reader, &inflight, &mut partial, &mut ready));
+        // Sent after the lock is released: a send wakes the session.
+        for (tx, span) in ready.drain(..) {
+            let _ = tx.send(Ok(span));
+        }
+        if let Err(e) = handed {
+            if let UpstreamError::Protocol(_) = e {
+                Metrics::get().protocol_error("upstream_reply");
             }
-            Err(e) => {
-                if let UpstreamError::Protocol(_) = e {
-                    Metrics::get().protocol_error("upstream_reply");
-                }
-                tracing::warn!(error = %e, "Upstream connection ended.");
-                break e;
-            }
+            tracing::warn!(error = %e, "Upstream connection ended.");
+            break e;
         }
     };
     alive.store(false, Ordering::Relaxed);
@@ -272,5 +271,52 @@ async fn read_loop(
         UpstreamError::Closed | UpstreamError::Io(_) => UpstreamError::Lost,
         other => other,
     };
-    fail_all(waiters, &err);
+    fail_all(partial.map(|p| p.waiter).into_iter().chain(waiters), &err);
+}
+
+/// Hands every complete reply in `reader` to its waiter, in order, under one lock: a waiter's
+/// replies go into `ready` as one span once all have arrived (charged to its session's budget;
+/// dropped if over it). A reply with no waiter means the stream is out of step: an error.
+fn hand_out(
+    reader: &mut FrameReader,
+    inflight: &Mutex<InFlight>,
+    partial: &mut Option<Partial>,
+    ready: &mut Vec<(oneshot::Sender<Reply>, Bytes)>,
+) -> Result<(), UpstreamError> {
+    let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+    q.progress = Instant::now();
+    loop {
+        if let Some(mut p) = partial.take() {
+            let Some((span, n)) = reader.buffered_many(p.left)? else {
+                *partial = Some(p);
+                return Ok(());
+            };
+            p.left -= n;
+            p.add(span);
+            if p.left > 0 {
+                *partial = Some(p);
+            } else if let Some(got) = p.got {
+                ready.push((p.waiter.tx, got.freeze()));
+            }
+            continue;
+        }
+        let Some(want) = q.waiters.front().map(|w| w.replies) else {
+            if reader.has_bytes() && reader.buffered_many(1)?.is_some() {
+                tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
+                return Err(UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength));
+            }
+            return Ok(());
+        };
+        let Some((span, n)) = reader.buffered_many(want)? else { return Ok(()) };
+        let waiter = q.waiters.pop_front().expect("the front waiter was just seen");
+        if n == want {
+            if waiter.budget.as_ref().is_none_or(|b| b.charge(span.len())) {
+                ready.push((waiter.tx, span));
+            }
+        } else {
+            let mut p = Partial { waiter, left: want - n, got: Some(BytesMut::new()) };
+            p.add(span);
+            *partial = Some(p);
+        }
+    }
 }
