@@ -221,6 +221,38 @@ async fn idle_clients_use_no_upstream_connections() {
     assert!(pooled <= 2, "200 clients (50 active) use {pooled} upstream connections; pool size is 2");
 }
 
+/// Pipelined commands share one upstream waiter; when the connection is dropped with them in
+/// flight, each command still gets its own error reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| {
+        c.upstream.command_timeout = Duration::from_millis(300);
+        c.upstream.max_backoff = Duration::from_millis(100);
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
+    redis.signal(libc::SIGSTOP);
+    let mut pipeline = Vec::new();
+    for _ in 0..5 {
+        pipeline.extend(encode(&[b"GET", b"k"]));
+    }
+    c.send_raw(&pipeline).await;
+    let mut replies = Vec::new();
+    for _ in 0..5 {
+        replies.push(c.read().await);
+    }
+    redis.signal(libc::SIGCONT);
+    for reply in replies {
+        assert_eq!(
+            reply,
+            b("-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n")
+        );
+    }
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_upstream_gives_errors_not_hangs() {
     let redis = RedisServer::start();

@@ -95,6 +95,38 @@ async fn eight_mib_value_round_trips() {
     assert_eq!(c.cmd(&["STRLEN", "big"]).await, b(":8388608\r\n"));
 }
 
+/// The commands of one read share one upstream waiter; here their replies (20 × 100 KB) span
+/// many reads of the shared connection, so they are gathered across reads before being handed
+/// over, and must come out whole and in order, interleaved with another client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_replies_span_many_upstream_reads_arrives_whole_and_in_order() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut setup = proxy.client().await;
+    let values: Vec<Vec<u8>> = (0..20u8).map(|i| vec![b'a' + i; 100_000]).collect();
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(setup.cmd_bin(&[b"SET", format!("big{i}").as_bytes(), v]).await, b("+OK\r\n"));
+    }
+    let mut c = proxy.client().await;
+    let mut other = proxy.client().await;
+    let mut pipeline = Vec::new();
+    for i in 0..values.len() {
+        pipeline.extend(encode(&[b"GET", format!("big{i}").as_bytes()]));
+    }
+    pipeline.extend(encode(&[b"PING"]));
+    c.send_raw(&pipeline).await;
+    // Another client's command on the same shared connection, in between.
+    assert_eq!(other.cmd(&["ECHO", "between"]).await, b("$7\r\nbetween\r\n"));
+    for (i, v) in values.iter().enumerate() {
+        let reply = c.read().await;
+        let mut want = format!("${}\r\n", v.len()).into_bytes();
+        want.extend_from_slice(v);
+        want.extend_from_slice(b"\r\n");
+        assert!(reply == want[..], "reply {i} differs ({} bytes, want {})", reply.len(), want.len());
+    }
+    assert_eq!(c.read().await, b("+PONG\r\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_pipelined_commands_answer_in_order() {
     let redis = RedisServer::start();
