@@ -1566,7 +1566,6 @@ struct SlotQueue {
 
 struct Queue {
     slots: std::collections::VecDeque<Slot>,
-    reader_gone: bool,
     writer_gone: bool,
     /// The reader waiting for room.
     room: Option<std::task::Waker>,
@@ -1585,7 +1584,7 @@ enum Empty {
 
 impl SlotQueue {
     fn new(cap: usize) -> SlotQueue {
-        let queue = Queue { slots: Default::default(), reader_gone: false, writer_gone: false, room: None };
+        let queue = Queue { slots: Default::default(), writer_gone: false, room: None };
         SlotQueue {
             inner: std::sync::Mutex::new(queue),
             cap: cap.max(1),
@@ -1650,7 +1649,7 @@ impl SlotQueue {
                 self.taken(q);
                 Ok(slot)
             }
-            None if q.reader_gone => Err(Empty::Disconnected),
+            None if self.reader_gone.load(Ordering::Acquire) => Err(Empty::Disconnected),
             None => Err(Empty::Empty),
         }
     }
@@ -1672,7 +1671,6 @@ struct SlotSender(Arc<SlotQueue>);
 
 impl Drop for SlotSender {
     fn drop(&mut self) {
-        self.0.lock().reader_gone = true;
         self.0.reader_gone.store(true, Ordering::Release);
     }
 }
