@@ -66,11 +66,6 @@ impl FrameReader {
         Ok((count > 0).then(|| (self.buf.split_to(end).freeze(), count)))
     }
 
-    /// True when bytes are buffered that no reply has been taken from yet.
-    pub fn has_bytes(&self) -> bool {
-        !self.buf.is_empty()
-    }
-
     /// Reads once from the stream into the buffer.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<(), UpstreamError> {
         self.buf.reserve(READ_CHUNK);

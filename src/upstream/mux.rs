@@ -56,25 +56,14 @@ pub struct Batch {
     pub waiters: Vec<Waiter>,
 }
 
-/// A waiter whose replies have partly arrived.
-struct Partial {
+/// The waiter being answered, off the in-flight FIFO: its replies may straddle reads.
+struct Current {
     waiter: Waiter,
     /// Replies still to come.
     left: usize,
-    /// Replies so far; `None` once the session's budget refused them (the rest is dropped).
+    /// Replies gathered so far; `None` once the session's budget refused them (the rest is read
+    /// and dropped).
     got: Option<BytesMut>,
-}
-
-impl Partial {
-    fn add(&mut self, span: Bytes) {
-        if let Some(got) = &mut self.got {
-            if self.waiter.budget.as_ref().is_none_or(|b| b.charge(span.len())) {
-                got.extend_from_slice(&span);
-            } else {
-                self.got = None;
-            }
-        }
-    }
 }
 
 struct InFlight {
@@ -229,7 +218,7 @@ async fn read_loop(
         if timeout.is_zero() { Duration::from_secs(3600) } else { (timeout / 4).max(Duration::from_millis(5)) };
     let mut stall_check = tokio::time::interval(period);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut partial: Option<Partial> = None;
+    let mut current: Option<Current> = None;
     let mut ready = Vec::new();
     let err = loop {
         let filled = tokio::select! {
@@ -239,14 +228,15 @@ async fn read_loop(
             f = reader.fill(&mut rd) => f,
             _ = stall_check.tick() => {
                 let q = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                if !timeout.is_zero() && !q.waiters.is_empty() && q.progress.elapsed() > timeout {
+                let waiting = !q.waiters.is_empty() || current.is_some();
+                if !timeout.is_zero() && waiting && q.progress.elapsed() > timeout {
                     tracing::warn!(timeout = ?timeout, "Upstream stopped answering; dropping the connection.");
                     break UpstreamError::Timeout(timeout);
                 }
                 continue;
             }
         };
-        let handed = filled.and_then(|()| hand_out(&mut reader, &inflight, &mut partial, &mut ready));
+        let handed = filled.and_then(|()| hand_out(&mut reader, &inflight, &mut current, &mut ready));
         // Sent after the lock is released: a send wakes the session.
         for (tx, span) in ready.drain(..) {
             let _ = tx.send(Ok(span));
@@ -271,52 +261,55 @@ async fn read_loop(
         UpstreamError::Closed | UpstreamError::Io(_) => UpstreamError::Lost,
         other => other,
     };
-    fail_all(partial.map(|p| p.waiter).into_iter().chain(waiters), &err);
+    fail_all(current.map(|c| c.waiter).into_iter().chain(waiters), &err);
 }
 
 /// Hands every complete reply in `reader` to its waiter, in order, under one lock: a waiter's
-/// replies go into `ready` as one span once all have arrived (charged to its session's budget;
-/// dropped if over it). A reply with no waiter means the stream is out of step: an error.
+/// replies go into `ready` as one span once all have arrived (charged to its session's budget
+/// as they arrive; dropped if over it). A reply with no waiter means the stream is out of step:
+/// an error.
 fn hand_out(
     reader: &mut FrameReader,
     inflight: &Mutex<InFlight>,
-    partial: &mut Option<Partial>,
+    current: &mut Option<Current>,
     ready: &mut Vec<(oneshot::Sender<Reply>, Bytes)>,
 ) -> Result<(), UpstreamError> {
     let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
     q.progress = Instant::now();
     loop {
-        if let Some(mut p) = partial.take() {
-            let Some((span, n)) = reader.buffered_many(p.left)? else {
-                *partial = Some(p);
-                return Ok(());
-            };
-            p.left -= n;
-            p.add(span);
-            if p.left > 0 {
-                *partial = Some(p);
-            } else if let Some(got) = p.got {
-                ready.push((p.waiter.tx, got.freeze()));
-            }
-            continue;
-        }
-        let Some(want) = q.waiters.front().map(|w| w.replies) else {
-            if reader.has_bytes() && reader.buffered_many(1)?.is_some() {
-                tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
-                return Err(UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength));
-            }
+        let mut cur = match current.take() {
+            Some(cur) => cur,
+            None => match q.waiters.pop_front() {
+                Some(waiter) => Current { left: waiter.replies, waiter, got: Some(BytesMut::new()) },
+                None if reader.buffered_many(1)?.is_some() => {
+                    tracing::warn!("Upstream sent a reply nobody asked for; dropping the connection.");
+                    return Err(UpstreamError::Protocol(crate::protocol::ReplyError::InvalidLength));
+                }
+                None => return Ok(()),
+            },
+        };
+        let Some((span, n)) = reader.buffered_many(cur.left)? else {
+            *current = Some(cur);
             return Ok(());
         };
-        let Some((span, n)) = reader.buffered_many(want)? else { return Ok(()) };
-        let waiter = q.waiters.pop_front().expect("the front waiter was just seen");
-        if n == want {
-            if waiter.budget.as_ref().is_none_or(|b| b.charge(span.len())) {
-                ready.push((waiter.tx, span));
+        cur.left -= n;
+        if cur.got.is_some() && !cur.waiter.budget.as_ref().is_none_or(|b| b.charge(span.len())) {
+            cur.got = None;
+        }
+        if cur.left > 0 {
+            if let Some(got) = &mut cur.got {
+                got.extend_from_slice(&span);
             }
-        } else {
-            let mut p = Partial { waiter, left: want - n, got: Some(BytesMut::new()) };
-            p.add(span);
-            *partial = Some(p);
+            *current = Some(cur);
+        } else if let Some(mut got) = cur.got {
+            // All the replies in one read (the usual case): the span itself, not a copy.
+            let replies = if got.is_empty() {
+                span
+            } else {
+                got.extend_from_slice(&span);
+                got.freeze()
+            };
+            ready.push((cur.waiter.tx, replies));
         }
     }
 }
