@@ -583,34 +583,38 @@ impl Reader {
                 Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
             };
         }
-        self.switch(Target::Pool).await?;
-        if let Err(e) = self.ensure_pool().await {
+        if let Err(e) = self.pool_batch().await? {
             return self.push(Slot::Local(e.to_reply(), Some(meta))).await;
         }
+        let Some((_, batch)) = &mut self.batch else { unreachable!("pool_batch set it") };
+        encode::command(&mut batch.payload, args);
         // Consecutive commands of one read share one waiter and one slot: their replies come
-        // back to back. An open group always belongs to the current batch (sending the batch,
-        // or pushing any other slot or waiter, closes it first).
-        if self.batch_is_current()
-            && let Some(group) = &mut self.group
-        {
-            let Some((_, batch)) = &mut self.batch else { unreachable!("an open group has a batch") };
-            encode::command(&mut batch.payload, args);
-            group.metas.push(meta);
-            return Ok(());
+        // back to back. An open group belongs to the current batch: sending the batch, or
+        // pushing any other slot or waiter, closes it first.
+        match &mut self.group {
+            Some(group) => group.metas.push(meta),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.group = Some(Group { tx, rx, metas: Metas::One(meta) });
+            }
+        }
+        self.sent_since_barrier = true;
+        Ok(())
+    }
+
+    /// Makes `self.batch` the batch of the session's pool connection: switches to the pool,
+    /// and sends a batch meant for another connection first. `Ok(Err(_))`: no connection.
+    async fn pool_batch(&mut self) -> Result<Result<(), UpstreamError>, Stop> {
+        self.switch(Target::Pool).await?;
+        if let Err(e) = self.ensure_pool().await {
+            return Ok(Err(e));
         }
         if !self.batch_is_current() {
             self.flush().await?;
-            let Some((_, handle)) = &self.pool else {
-                return self.push(Slot::Local(UpstreamError::Lost.to_reply(), Some(meta))).await;
-            };
+            let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
             self.batch = Some((handle.clone(), Batch::default()));
         }
-        let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
-        encode::command(&mut batch.payload, args);
-        let (tx, rx) = oneshot::channel();
-        self.group = Some(Group { tx, rx, metas: Metas::One(meta) });
-        self.sent_since_barrier = true;
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// True when `self.batch` is for the session's current pool connection.
@@ -633,27 +637,16 @@ impl Reader {
         &mut self,
         args: &[Bytes],
     ) -> Result<Result<oneshot::Receiver<crate::upstream::mux::Reply>, UpstreamError>, Stop> {
-        self.switch(Target::Pool).await?;
-        if let Err(e) = self.ensure_pool().await {
+        // The open group's waiter goes first. Closing it may send the batch (when the reply
+        // queue is full), so the batch is made current after.
+        self.close_group().await?;
+        if let Err(e) = self.pool_batch().await? {
             return Ok(Err(e));
         }
-        self.close_group().await?;
+        let Some((_, batch)) = &mut self.batch else { unreachable!("pool_batch set it") };
         let (tx, rx) = oneshot::channel();
-        let waiter = Waiter::one(tx, Some(self.budget.clone()));
-        match (&mut self.batch, &self.pool) {
-            (Some((h, batch)), Some((_, handle))) if h.is_same(handle) => {
-                encode::command(&mut batch.payload, args);
-                batch.waiters.push(waiter);
-            }
-            _ => {
-                self.flush().await?;
-                let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
-                let mut batch = Batch::default();
-                encode::command(&mut batch.payload, args);
-                batch.waiters.push(waiter);
-                self.batch = Some((handle.clone(), batch));
-            }
-        }
+        encode::command(&mut batch.payload, args);
+        batch.waiters.push(Waiter::one(tx, Some(self.budget.clone())));
         self.sent_since_barrier = true;
         Ok(Ok(rx))
     }
@@ -664,17 +657,13 @@ impl Reader {
         &mut self,
         cmds: &[Vec<Bytes>],
     ) -> Result<Result<Vec<oneshot::Receiver<crate::upstream::mux::Reply>>, UpstreamError>, Stop> {
-        self.switch(Target::Pool).await?;
-        if let Err(e) = self.ensure_pool().await {
+        // The open group's waiter goes first. Closing it may send the batch (when the reply
+        // queue is full), so the batch is made current after.
+        self.close_group().await?;
+        if let Err(e) = self.pool_batch().await? {
             return Ok(Err(e));
         }
-        self.close_group().await?;
-        if !self.batch_is_current() {
-            self.flush().await?;
-            let Some((_, handle)) = &self.pool else { return Ok(Err(UpstreamError::Lost)) };
-            self.batch = Some((handle.clone(), Batch::default()));
-        }
-        let Some((_, batch)) = &mut self.batch else { unreachable!("the batch was just set") };
+        let Some((_, batch)) = &mut self.batch else { unreachable!("pool_batch set it") };
         let mut rxs = Vec::with_capacity(cmds.len());
         for args in cmds {
             let (tx, rx) = oneshot::channel();
