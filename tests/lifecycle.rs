@@ -221,10 +221,11 @@ async fn idle_clients_use_no_upstream_connections() {
     assert!(pooled <= 2, "200 clients (50 active) use {pooled} upstream connections; pool size is 2");
 }
 
-/// Pipelined commands share one upstream waiter; when the connection is dropped with them in
-/// flight, each command still gets its own error reply.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
+/// The reply to a command on a shared connection that Redis stopped answering.
+const STALLED: &str = "-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n";
+
+/// Redis, sidecache in front of it with a 300 ms command timeout, and a client; `k` holds `v`.
+async fn stall_rig() -> (RedisServer, Proxy, Client) {
     let redis = RedisServer::start();
     let proxy = Proxy::start_with(&redis, |c| {
         c.upstream.command_timeout = Duration::from_millis(300);
@@ -233,6 +234,24 @@ async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
     .await;
     let mut c = proxy.client().await;
     assert_eq!(c.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
+    (redis, proxy, c)
+}
+
+/// Waits until the same client's commands succeed again (after a reconnect with backoff).
+async fn recovers(c: Client) {
+    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
+    eventually("commands to succeed after SIGCONT", || {
+        let c = c.clone();
+        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$1\r\nv\r\n") }
+    })
+    .await;
+}
+
+/// Pipelined commands share one upstream waiter; when the connection times out with them in
+/// flight, each command still gets its own error reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
+    let (redis, _proxy, mut c) = stall_rig().await;
     redis.signal(libc::SIGSTOP);
     let mut pipeline = Vec::new();
     for _ in 0..5 {
@@ -245,35 +264,17 @@ async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
     }
     redis.signal(libc::SIGCONT);
     for reply in replies {
-        assert_eq!(
-            reply,
-            b("-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n")
-        );
+        assert_eq!(reply, b(STALLED));
     }
-    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    recovers(c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_upstream_gives_errors_not_hangs() {
-    let redis = RedisServer::start();
-    let proxy = Proxy::start_with(&redis, |c| {
-        c.upstream.command_timeout = Duration::from_millis(300);
-        c.upstream.max_backoff = Duration::from_millis(100);
-    })
-    .await;
-    let mut c = proxy.client().await;
-    assert_eq!(c.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
+    let (redis, _proxy, mut c) = stall_rig().await;
     redis.signal(libc::SIGSTOP);
     let reply = c.cmd(&["GET", "k"]).await;
     redis.signal(libc::SIGCONT);
-    assert_eq!(
-        reply,
-        b("-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n")
-    );
-    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
-    eventually("commands to succeed after SIGCONT", || {
-        let c = c.clone();
-        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$1\r\nv\r\n") }
-    })
-    .await;
+    assert_eq!(reply, b(STALLED));
+    recovers(c).await;
 }
