@@ -22,7 +22,8 @@
 # After its rounds, sidecache_cache_hits_total from its /metrics is printed; zero hits fail.
 #
 # Usage: benches/compare.sh            (ROUNDS=5 by default; e.g. ROUNDS=3 benches/compare.sh)
-# Needs: cargo, redis-server, redis-benchmark, redis-cli, nutcracker, python3, curl.
+# Needs: cargo, redis-server, redis-benchmark, redis-cli, nutcracker, python3, curl. Installs
+# redis-server, redis-tools and nutcracker from Debian packages when they are missing.
 # Never touches an already running Redis: every process here is started on its own free ports.
 
 set -euo pipefail
@@ -31,12 +32,27 @@ ROUNDS=${ROUNDS:-5}
 IDLE_CLIENTS=${IDLE_CLIENTS:-500}
 PING_CLIENTS=${PING_CLIENTS:-100}
 POOL_SIZE=${POOL_SIZE:-2} # sidecache's default upstream.pool_size, only used for the target check
+NUTCRACKER_SET=${NUTCRACKER:-}
 NUTCRACKER=${NUTCRACKER:-$(command -v nutcracker || echo /usr/sbin/nutcracker)}
 HOST=127.0.0.1
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
+# On a fresh machine, Redis and twemproxy come from Debian packages, as in the test command.
+bash scripts/ensure-redis.sh
+if [[ ! -x $NUTCRACKER && -z ${NUTCRACKER_SET:-} ]] && command -v apt-get >/dev/null; then
+    echo "compare.sh: installing nutcracker (Debian package)..." >&2
+    SUDO=""
+    [[ $(id -u) == 0 ]] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nutcracker >/dev/null
+    # The package may start a system nutcracker on its default port; this script starts its own.
+    if command -v service >/dev/null 2>&1 && service nutcracker status >/dev/null 2>&1; then
+        $SUDO service nutcracker stop >/dev/null 2>&1 || true
+    fi
+    NUTCRACKER=$(command -v nutcracker || echo /usr/sbin/nutcracker)
+fi
 for tool in cargo redis-server redis-benchmark redis-cli python3 curl; do
     command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found" >&2; exit 1; }
 done

@@ -48,6 +48,18 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether `[security] deny` refuses this command (names of any length, any case).
+    pub fn denies(&self, cmd: &crate::command::Command) -> bool {
+        if self.deny.is_empty() {
+            return false;
+        }
+        match cmd.name() {
+            // Longer than the classifier keeps: compare the name itself.
+            [] => cmd.args.first().is_some_and(|a| self.deny.contains(&a.to_ascii_uppercase())),
+            name => self.deny.contains(name),
+        }
+    }
+
     /// The policy a configuration describes.
     pub fn from_config(c: &Config) -> Policy {
         Policy {
@@ -247,5 +259,32 @@ impl Server {
             tracing::warn!(clients = tracker.len(), "Grace period over; closing remaining clients.");
         }
         background.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+    use bytes::Bytes;
+
+    fn cmd(name: &str) -> Command {
+        Command::new(vec![Bytes::copy_from_slice(name.as_bytes()), Bytes::from_static(b"x")])
+    }
+
+    #[test]
+    fn deny_matches_names_of_any_length_in_any_case() {
+        let long = "module.command-with-a-name-longer-than-thirty-two-bytes";
+        let mut config = Config::default();
+        config.security.deny = vec!["flushall".into(), long.into()];
+        let policy = Policy::from_config(&config);
+        assert!(policy.denies(&cmd("FLUSHALL")));
+        assert!(policy.denies(&cmd("FlushAll")));
+        assert!(policy.denies(&cmd(long)));
+        assert!(policy.denies(&cmd(&long.to_uppercase())));
+        assert!(!policy.denies(&cmd("GET")));
+        assert!(!policy.denies(&cmd(&format!("{long}x"))));
+        config.security.deny.clear();
+        assert!(!Policy::from_config(&config).denies(&cmd("FLUSHALL")));
     }
 }

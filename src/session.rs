@@ -813,7 +813,7 @@ impl Reader {
     /// Routes one command. `Ok(false)` ends the session after pending replies are written.
     async fn dispatch(&mut self, cmd: Command) -> Result<bool, Stop> {
         let meta = Meta { family: cmd.family, start: Instant::now() };
-        if !self.policy.deny.is_empty() && self.policy.deny.contains(cmd.name()) {
+        if self.policy.denies(&cmd) {
             self.local(encode::error("NOPERM this command is disabled by sidecache"), meta).await?;
             return Ok(true);
         }
