@@ -469,6 +469,43 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+/// The keys read only at start; every other key applies on reload (the README's "Reload"
+/// column says when).
+pub const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "shutdown_grace",
+    "worker_threads",
+    "log_format",
+    "log_level",
+    "upstream.url",
+    "upstream.password_file",
+    "upstream.pool_size",
+    "upstream.connect_timeout",
+    "upstream.command_timeout",
+    "upstream.max_backoff",
+    "limits.max_clients",
+    "limits.max_reply_depth",
+    "limits.max_reply_bytes",
+    "near_cache.enabled",
+    "near_cache.max_bytes",
+    "near_cache.max_value_bytes",
+    "near_cache.max_ttl",
+    "near_cache.coherence",
+    "near_cache.verify_sample_rate",
+    "near_cache.heartbeat",
+    "near_cache.heartbeat_timeout",
+    "near_cache.pubsub_channel",
+    "near_cache.pubsub_max_ttl",
+    "near_cache.rules",
+    "locks.key_prefix",
+    "locks.max_lease",
+    "locks.serial_prefix",
+    "locks.fence_key",
+    "locks.channel",
+    "locks.recheck",
+];
+
 /// Top-level keys, and the `SIDECACHE_<KEY>` names that map onto them.
 const ENV_KEYS: [(&str, &str); 13] = [
     ("LISTEN", "listen"),
@@ -619,6 +656,23 @@ impl Config {
         let mut shown = self.clone();
         shown.upstream.url = redact_url(&shown.upstream.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// The keys read only at start (the README's `restart` keys) whose value differs in `new`:
+    /// a reload accepts them but does not apply them.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (Ok(old), Ok(new)) = (toml::Table::try_from(self), toml::Table::try_from(new)) else {
+            return Vec::new();
+        };
+        let get = |table: &toml::Table, key: &str| {
+            let mut parts = key.split('.');
+            let mut value = table.get(parts.next()?)?;
+            for part in parts {
+                value = value.get(part)?;
+            }
+            Some(value.clone())
+        };
+        RESTART_ONLY.iter().copied().filter(|key| get(&old, key) != get(&new, key)).collect()
     }
 
     /// The upstream target, with the password file applied.
@@ -787,6 +841,53 @@ pub mod size {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_only_changes_names_the_changed_keys() {
+        let running = Config::default();
+        assert!(running.restart_only_changes(&running.clone()).is_empty());
+        let mut new = running.clone();
+        new.upstream.pool_size += 1;
+        new.listen = "127.0.0.1:7000".into();
+        new.near_cache.rules.push(CacheRuleConfig { name: "r".into(), prefix: "k:".into(), db: None, max_ttl: None });
+        // A live key is not reported.
+        new.limits.max_args += 1;
+        assert_eq!(running.restart_only_changes(&new), ["listen", "upstream.pool_size", "near_cache.rules"]);
+    }
+
+    #[test]
+    fn restart_only_keys_are_the_readmes_restart_keys() {
+        let readme = include_str!("../README.md");
+        let documented: Vec<&str> = readme
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                (cells.len() > 5 && cells[4] == "restart").then(|| cells[1].trim_matches('`'))
+            })
+            // A rule's fields change with `near_cache.rules`.
+            .filter(|key| !key.contains("[]"))
+            .collect();
+        assert_eq!(documented, RESTART_ONLY, "the README's Reload column and RESTART_ONLY disagree");
+    }
+
+    #[test]
+    fn restart_only_keys_exist() {
+        let table = toml::Table::try_from(Config::default()).unwrap();
+        for key in RESTART_ONLY {
+            let mut parts = key.split('.');
+            let top = parts.next().unwrap();
+            let section = table.get(top);
+            let found = match parts.next() {
+                None => section.is_some(),
+                // An empty list (near_cache.rules) or an unset option is left out of the table.
+                Some(k) => {
+                    section.and_then(|s| s.get(k)).is_some()
+                        || ["near_cache.rules", "upstream.password_file"].contains(key)
+                }
+            };
+            assert!(found, "{key} is not a configuration key");
+        }
+    }
 
     #[test]
     fn defaults_validate() {

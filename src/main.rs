@@ -105,6 +105,8 @@ fn main() {
 }
 
 async fn run(cli: Cli, config: Config) -> i32 {
+    // The values read only at start, to name the ones a reload cannot apply.
+    let running = config.clone();
     let server = match sidecache::Server::bind(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -122,7 +124,7 @@ async fn run(cli: Cli, config: Config) -> i32 {
         return 1;
     };
     tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "sidecache started.");
-    tokio::spawn(signals.run(cli, shutdown.clone(), server.reload_handle()));
+    tokio::spawn(signals.run(cli, running, shutdown.clone(), server.reload_handle()));
     server.run(shutdown).await;
     tracing::info!("Stopped.");
     0
@@ -158,7 +160,7 @@ impl Signals {
         Some(Signals { term, int, hup, watch })
     }
 
-    async fn run(mut self, cli: Cli, shutdown: CancellationToken, reload: sidecache::ReloadHandle) {
+    async fn run(mut self, cli: Cli, running: Config, shutdown: CancellationToken, reload: sidecache::ReloadHandle) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => {
@@ -169,8 +171,8 @@ impl Signals {
                     tracing::info!(signal = "SIGINT", "Shutdown requested.");
                     shutdown.cancel();
                 }
-                _ = self.hup.recv() => reload_config(&cli, &reload, "SIGHUP"),
-                _ = file_changed(&mut self.watch) => reload_config(&cli, &reload, "file"),
+                _ = self.hup.recv() => reload_config(&cli, &running, &reload, "SIGHUP"),
+                _ = file_changed(&mut self.watch) => reload_config(&cli, &running, &reload, "file"),
             }
         }
     }
@@ -183,10 +185,19 @@ async fn file_changed(watch: &mut Option<sidecache::reload::FileWatch>) {
     }
 }
 
-fn reload_config(cli: &Cli, reload: &sidecache::ReloadHandle, trigger: &str) {
+fn reload_config(cli: &Cli, running: &Config, reload: &sidecache::ReloadHandle, trigger: &str) {
     match load(cli) {
         Ok(config) => {
             reload.apply(&config);
+            // Before "reloaded": whoever waits for that line has seen this one too.
+            let unapplied = running.restart_only_changes(&config);
+            if !unapplied.is_empty() {
+                tracing::warn!(
+                    trigger,
+                    keys = %unapplied.join(", "),
+                    "Changed keys that apply only at start keep their running values; restart to apply them."
+                );
+            }
             tracing::info!(trigger, "Configuration reloaded.");
         }
         Err(e) => tracing::error!(trigger, problems = %e, "New configuration rejected; keeping the current one."),

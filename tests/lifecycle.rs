@@ -169,6 +169,20 @@ async fn sighup_reloads_policy_without_dropping_clients() {
     .await;
     assert_eq!(c.cmd(&["ECHO", "x"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
     assert_eq!(c.cmd(&["FLUSHALL"]).await, b("+OK\r\n"));
+    const UNAPPLIED: &str = "Changed keys that apply only at start keep their running values";
+    assert!(!log.lock().unwrap().contains(UNAPPLIED), "only live keys changed, yet: {}", log.lock().unwrap());
+    // A key read only at start is accepted, not applied, and named in a warning.
+    std::fs::write(&file, "[security]\ndeny = [\"ECHO\"]\n[upstream]\npool_size = 3\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    eventually("the warning about upstream.pool_size", || {
+        let log = log.clone();
+        async move {
+            let log = log.lock().unwrap();
+            log.lines().any(|l| l.contains(UNAPPLIED) && l.contains("upstream.pool_size"))
+        }
+    })
+    .await;
+    assert_eq!(c.cmd(&["ECHO", "x"]).await, b("-NOPERM this command is disabled by sidecache\r\n"));
     // An invalid file is rejected and the running policy stays.
     std::fs::write(&file, "[security]\ndeny = 5\n").unwrap();
     proc.signal(libc::SIGHUP);
