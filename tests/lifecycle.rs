@@ -283,6 +283,104 @@ async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
     recovers(c).await;
 }
 
+/// A fake Redis, for what real Redis cannot do on demand: stop in the middle of the replies to
+/// one pipelined read. It answers `PING` with `+PONG` and other commands with a null, except
+/// that on a connection where `GET stall` arrives, it answers the first `GET stall` with `$1 v`
+/// and then sends nothing more on that connection (which stays open).
+async fn half_answering_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake upstream");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                let mut stalled = false;
+                loop {
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut out = Vec::new();
+                    while let Some((args, used)) = parse_command(&buf) {
+                        buf.drain(..used);
+                        if stalled {
+                            continue;
+                        }
+                        match args.iter().map(|a| a.to_ascii_uppercase()).collect::<Vec<_>>().as_slice() {
+                            [ping] if ping == b"PING" => out.extend_from_slice(b"+PONG\r\n"),
+                            [get, key] if get == b"GET" && key == b"STALL" => {
+                                out.extend_from_slice(b"$1\r\nv\r\n");
+                                stalled = true;
+                            }
+                            _ => out.extend_from_slice(b"$-1\r\n"),
+                        }
+                    }
+                    if !out.is_empty() && s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One complete command (an array of bulk strings) at the start of `buf`, and its length.
+fn parse_command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+        Some((n, end + 2))
+    }
+    assert_eq!(buf.first().copied().unwrap_or(b'*'), b'*', "sidecache sends arrays of bulk strings");
+    let (count, mut at) = line(buf, 0)?;
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (len, start) = line(buf, at)?;
+        args.push(buf.get(start..start + len)?.to_vec());
+        at = start + len + 2;
+        if buf.len() < at {
+            return None;
+        }
+    }
+    Some((args, at))
+}
+
+/// The replies to a pipelined read come back as one span per waiter; when the reply stream stops
+/// after the first of them, the waiter is still being answered (no longer in the in-flight queue)
+/// and the stall check must still time it out: one error per command, then recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_half_way_through_a_pipelines_replies_gives_errors_not_a_hang() {
+    let addr = half_answering_upstream().await;
+    let proxy = Proxy::start_config({
+        let mut c = test_config(&format!("redis://{addr}"));
+        c.upstream.command_timeout = Duration::from_millis(300);
+        c.upstream.max_backoff = Duration::from_millis(100);
+        c
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["GET", "k"]).await, b("$-1\r\n"));
+    let mut pipeline = Vec::new();
+    for _ in 0..3 {
+        pipeline.extend(encode(&[b"GET", b"stall"]));
+    }
+    c.send_raw(&pipeline).await;
+    for i in 0..3 {
+        assert_eq!(c.read().await, b(STALLED), "reply {i} of a group whose replies stopped after the first");
+    }
+    // The stuck connection was dropped: the next commands go over a fresh one.
+    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
+    eventually("commands to succeed on a fresh connection", || {
+        let c = c.clone();
+        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$-1\r\n") }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_upstream_gives_errors_not_hangs() {
     let (redis, _proxy, mut c) = stall_rig().await;
