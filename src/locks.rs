@@ -201,6 +201,13 @@ fn lease(arg: &[u8], cmd: &str, max_lease_ms: i64) -> Result<i64, Bytes> {
     Ok(ms)
 }
 
+/// A copy of an argument a lock command keeps (names live in the lock tables, and a waiting
+/// acquire holds its command for as long as it waits): arguments share the client's read
+/// buffer, which must not stay alive with them.
+fn kept(arg: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(arg)
+}
+
 impl LockCommand {
     /// Parses a command whose upper-case name is `name`; `Err` holds the error reply, worded as
     /// Redis words its own (`wrong number of arguments`, `value is not an integer…`, `syntax error`).
@@ -231,29 +238,29 @@ impl LockCommand {
                         return Err(err("ERR syntax error"));
                     }
                 }
-                Ok(LockCommand::Acquire { name: p[0].clone(), lease_ms, wait, keepalive })
+                Ok(LockCommand::Acquire { name: kept(&p[0]), lease_ms, wait, keepalive })
             }
             b"LOCK.RELEASE" => match p {
-                [name, token] => Ok(LockCommand::Release { name: name.clone(), token: token.clone() }),
+                [name, token] => Ok(LockCommand::Release { name: kept(name), token: kept(token) }),
                 _ => Err(arity("lock.release")),
             },
             b"LOCK.EXTEND" => match p {
                 [name, token, ms] => Ok(LockCommand::Extend {
-                    name: name.clone(),
-                    token: token.clone(),
+                    name: kept(name),
+                    token: kept(token),
                     lease_ms: lease(ms, "lock.extend", max_lease_ms)?,
                 }),
                 _ => Err(arity("lock.extend")),
             },
             b"LOCK.INFO" => match p {
-                [name] => Ok(LockCommand::Info { name: name.clone() }),
+                [name] => Ok(LockCommand::Info { name: kept(name) }),
                 _ => Err(arity("lock.info")),
             },
             b"SERIAL.NEXT" => match p {
-                [name] => Ok(LockCommand::SerialNext { name: name.clone(), count: 1 }),
+                [name] => Ok(LockCommand::SerialNext { name: kept(name), count: 1 }),
                 [name, opt, n] if opt.eq_ignore_ascii_case(b"COUNT") => match int(n)? {
                     n if n < 1 => Err(err("ERR value is out of range, must be positive")),
-                    n => Ok(LockCommand::SerialNext { name: name.clone(), count: n }),
+                    n => Ok(LockCommand::SerialNext { name: kept(name), count: n }),
                 },
                 [] => Err(arity("serial.next")),
                 _ => Err(err("ERR syntax error")),
@@ -1033,6 +1040,30 @@ mod tests {
 
     fn error(list: &[&str]) -> String {
         String::from_utf8(parse(list).unwrap_err().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn parsed_names_and_tokens_do_not_share_the_read_buffer() {
+        // As the session parses them: every argument a slice of one read buffer.
+        let buf = Bytes::from_static(b"LOCK.EXTENDnametoken100");
+        let a = [buf.slice(0..11), buf.slice(11..15), buf.slice(15..20), buf.slice(20..23)];
+        let outside = |b: &Bytes| !buf.as_ptr_range().contains(&b.as_ptr());
+        match LockCommand::parse(b"LOCK.EXTEND", &a, 600_000).unwrap() {
+            LockCommand::Extend { name, token, .. } => {
+                assert_eq!((&name[..], &token[..]), (&b"name"[..], &b"token"[..]));
+                assert!(outside(&name) && outside(&token), "a kept argument points into the read buffer");
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let a = [buf.slice(0..11), buf.slice(11..15), buf.slice(20..23)];
+        match LockCommand::parse(b"LOCK.ACQUIRE", &a, 600_000).unwrap() {
+            LockCommand::Acquire { name, .. } => assert!(outside(&name), "the name points into the read buffer"),
+            other => panic!("parsed as {other:?}"),
+        }
+        match LockCommand::parse(b"SERIAL.NEXT", &a[..2], 600_000).unwrap() {
+            LockCommand::SerialNext { name, .. } => assert!(outside(&name), "the name points into the read buffer"),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]
