@@ -100,6 +100,16 @@ struct Group {
     metas: Metas,
 }
 
+impl Slot {
+    /// The commands this slot answers, as counted against `max_pipeline`.
+    fn commands(&self) -> usize {
+        match self {
+            Slot::Upstream(_, metas) => metas.len(),
+            _ => 1,
+        }
+    }
+}
+
 /// One reply position in the client's stream.
 enum Slot {
     /// A reply sidecache computed.
@@ -582,6 +592,11 @@ impl Reader {
                 Ok(rx) => self.push(Slot::Upstream(rx, Metas::One(meta))).await,
                 Err(e) => self.push(Slot::Local(e.to_reply(), Some(meta))).await,
             };
+        }
+        // A group answers at most what the reply queue has room for (`max_pipeline` counts
+        // commands): a fuller one is closed, and its slot waits for room like any other.
+        if self.group.as_ref().is_some_and(|g| g.metas.len() >= self.slots.0.room().max(1)) {
+            self.close_group().await?;
         }
         if let Err(e) = self.pool_batch().await? {
             return self.push(Slot::Local(e.to_reply(), Some(meta))).await;
@@ -1539,7 +1554,8 @@ impl PubSubView {
     }
 }
 
-/// The reply slots between a session's reader and writer, in request order, at most `cap`.
+/// The reply slots between a session's reader and writer, in request order, for at most `cap`
+/// commands (a slot for a group of commands counts each of them).
 ///
 /// Both futures run in one task and are polled reader first (`reader_then_writer`), so a slot
 /// the reader pushes is seen by the writer in the same poll, with no wake-up and no channel;
@@ -1550,6 +1566,8 @@ struct SlotQueue {
     /// Slots queued, and whether the reader is gone: the writer checks for an empty queue,
     /// which it does at every poll, without taking the lock.
     len: AtomicUsize,
+    /// Commands the queued slots answer (changed under the lock).
+    commands: AtomicUsize,
     reader_gone: std::sync::atomic::AtomicBool,
 }
 
@@ -1578,6 +1596,7 @@ impl SlotQueue {
             inner: std::sync::Mutex::new(queue),
             cap: cap.max(1),
             len: AtomicUsize::new(0),
+            commands: AtomicUsize::new(0),
             reader_gone: Default::default(),
         }
     }
@@ -1586,16 +1605,32 @@ impl SlotQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Commands that fit before the queue is full.
+    fn room(&self) -> usize {
+        self.cap.saturating_sub(self.commands.load(Ordering::Relaxed))
+    }
+
+    /// Whether `slot` must wait: it does not fit, and the queue holds something (a slot larger
+    /// than the bound goes into an empty queue, so it never waits forever).
+    fn must_wait(&self, q: &Queue, slot: &Slot) -> bool {
+        !q.slots.is_empty() && self.commands.load(Ordering::Relaxed) + slot.commands() > self.cap
+    }
+
+    fn add(&self, q: &mut Queue, slot: Slot) {
+        self.commands.fetch_add(slot.commands(), Ordering::Relaxed);
+        q.slots.push_back(slot);
+        self.len.store(q.slots.len(), Ordering::Release);
+    }
+
     fn try_push(&self, slot: Slot) -> Result<(), Full> {
         let mut q = self.lock();
         if q.writer_gone {
             return Err(Full::Closed);
         }
-        if q.slots.len() >= self.cap {
+        if self.must_wait(&q, &slot) {
             return Err(Full::Full(Box::new(slot)));
         }
-        q.slots.push_back(slot);
-        self.len.store(q.slots.len(), Ordering::Release);
+        self.add(&mut q, slot);
         Ok(())
     }
 
@@ -1607,19 +1642,19 @@ impl SlotQueue {
             if q.writer_gone {
                 return std::task::Poll::Ready(Err(()));
             }
-            if q.slots.len() >= self.cap {
+            if self.must_wait(&q, slot.as_ref().expect("pushed once")) {
                 q.room = Some(cx.waker().clone());
                 return std::task::Poll::Pending;
             }
-            q.slots.push_back(slot.take().expect("pushed once"));
-            self.len.store(q.slots.len(), Ordering::Release);
+            self.add(&mut q, slot.take().expect("pushed once"));
             std::task::Poll::Ready(Ok(()))
         })
         .await
     }
 
     fn taken(&self, mut q: std::sync::MutexGuard<'_, Queue>) {
-        if q.slots.len() < self.cap
+        // The waiting reader checks again whether its slot fits.
+        if self.commands.load(Ordering::Relaxed) < self.cap
             && let Some(waker) = q.room.take()
         {
             drop(q);
@@ -1635,6 +1670,7 @@ impl SlotQueue {
         match q.slots.pop_front() {
             Some(slot) => {
                 self.len.store(q.slots.len(), Ordering::Release);
+                self.commands.fetch_sub(slot.commands(), Ordering::Relaxed);
                 self.taken(q);
                 Ok(slot)
             }
@@ -1674,6 +1710,7 @@ impl Drop for SlotReceiver {
         let waker = q.room.take();
         q.slots.clear();
         self.0.len.store(0, Ordering::Release);
+        self.0.commands.store(0, Ordering::Relaxed);
         drop(q);
         if let Some(waker) = waker {
             waker.wake();
