@@ -679,3 +679,39 @@ async fn client_that_never_reads_is_disconnected_at_the_output_limit() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// GET calls Redis has run, from `INFO commandstats` (`cmdstat_get:calls=N,...`).
+async fn get_calls(redis: &RedisServer) -> u64 {
+    let stat = info_field(&redis.addr(), "cmdstat_get").await;
+    stat.split(',').find_map(|f| f.strip_prefix("calls=")).map_or(0, |n| n.parse().expect("calls is a number"))
+}
+
+/// `max_pipeline` bounds the commands of a client in flight, however they arrive: 1000 GETs in
+/// one write (which the session forwards as groups sharing one reply slot) from a client that
+/// never reads reach Redis only as far as the bound allows, plus what the socket buffers absorb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pipeline_bounds_the_commands_forwarded_for_a_client_that_never_reads() {
+    let redis = RedisServer::start();
+    let mut direct = Client::connect(&redis.addr()).await;
+    let value = vec![b'v'; 1 << 20];
+    assert_eq!(direct.cmd_bin(&[b"SET", b"mib", &value]).await, b("+OK\r\n"));
+    let proxy = Proxy::start_with(&redis, |c| c.limits.max_pipeline = 8).await;
+    let mut hog = proxy.client().await;
+    hog.send_raw(&encode(&[b"GET", b"mib"]).repeat(1000)).await;
+    // Wait until Redis stops receiving GETs (the count holds still for half a second).
+    let mut last = u64::MAX;
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        let now = get_calls(&redis).await;
+        if now == last && now > 0 {
+            break;
+        }
+        assert!(Instant::now() < give_up, "GETs kept arriving at Redis: {now}");
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // 8 in the reply queue, one open group, and the 1 MiB replies the socket buffers took.
+    assert!(last <= 8 + 1 + 16, "{last} of the 1000 GETs reached Redis with max_pipeline = 8");
+    let mut other = proxy.client().await;
+    assert_eq!(other.cmd(&["PING"]).await, b("+PONG\r\n"), "a bystander is served");
+}
