@@ -239,24 +239,27 @@ async fn idle_clients_use_no_upstream_connections() {
 const STALLED: &str = "-ERR sidecache: upstream did not answer within 300ms; the command may or may not have run\r\n";
 
 /// Redis, sidecache in front of it with a 300 ms command timeout, and a client; `k` holds `v`.
+/// A short command timeout (`STALLED`) and a short reconnect backoff, for the stall tests.
+fn quick_stall(c: &mut Config) {
+    c.upstream.command_timeout = Duration::from_millis(300);
+    c.upstream.max_backoff = Duration::from_millis(100);
+}
+
 async fn stall_rig() -> (RedisServer, Proxy, Client) {
     let redis = RedisServer::start();
-    let proxy = Proxy::start_with(&redis, |c| {
-        c.upstream.command_timeout = Duration::from_millis(300);
-        c.upstream.max_backoff = Duration::from_millis(100);
-    })
-    .await;
+    let proxy = Proxy::start_with(&redis, quick_stall).await;
     let mut c = proxy.client().await;
     assert_eq!(c.cmd(&["SET", "k", "v"]).await, b("+OK\r\n"));
     (redis, proxy, c)
 }
 
-/// Waits until the same client's commands succeed again (after a reconnect with backoff).
-async fn recovers(c: Client) {
+/// Waits until the same client's `GET k` is answered with `expected` again (after a reconnect
+/// with backoff).
+async fn recovers(c: Client, expected: &'static str) {
     let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
-    eventually("commands to succeed after SIGCONT", || {
+    eventually("commands to succeed on a fresh upstream connection", || {
         let c = c.clone();
-        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$1\r\nv\r\n") }
+        async move { c.lock().await.cmd(&["GET", "k"]).await == b(expected) }
     })
     .await;
 }
@@ -280,7 +283,7 @@ async fn a_stalled_upstream_gives_one_error_per_pipelined_command() {
     for reply in replies {
         assert_eq!(reply, b(STALLED));
     }
-    recovers(c).await;
+    recovers(c, "$1\r\nv\r\n").await;
 }
 
 /// A fake Redis, for what real Redis cannot do on demand: stop in the middle of the replies to
@@ -357,8 +360,7 @@ async fn an_upstream_that_stops_half_way_through_a_pipelines_replies_gives_error
     let addr = half_answering_upstream().await;
     let proxy = Proxy::start_config({
         let mut c = test_config(&format!("redis://{addr}"));
-        c.upstream.command_timeout = Duration::from_millis(300);
-        c.upstream.max_backoff = Duration::from_millis(100);
+        quick_stall(&mut c);
         c
     })
     .await;
@@ -373,12 +375,7 @@ async fn an_upstream_that_stops_half_way_through_a_pipelines_replies_gives_error
         assert_eq!(c.read().await, b(STALLED), "reply {i} of a group whose replies stopped after the first");
     }
     // The stuck connection was dropped: the next commands go over a fresh one.
-    let c = std::sync::Arc::new(tokio::sync::Mutex::new(c));
-    eventually("commands to succeed on a fresh connection", || {
-        let c = c.clone();
-        async move { c.lock().await.cmd(&["GET", "k"]).await == b("$-1\r\n") }
-    })
-    .await;
+    recovers(c, "$-1\r\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,5 +385,5 @@ async fn stalled_upstream_gives_errors_not_hangs() {
     let reply = c.cmd(&["GET", "k"]).await;
     redis.signal(libc::SIGCONT);
     assert_eq!(reply, b(STALLED));
-    recovers(c).await;
+    recovers(c, "$1\r\nv\r\n").await;
 }
