@@ -22,7 +22,8 @@
 //!   until every reply from the previous one is in: a session's commands reach Redis in order.
 //!
 //! `SELECT`, `AUTH` and `HELLO` move the session to another pool; the pool's handshake checks
-//! them first, so errors are Redis's own.
+//! them first, so errors are Redis's own. Credentials are sent to Redis on every use and adopted
+//! only when it accepts them, even when a pool for them exists.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -1304,7 +1305,12 @@ impl Reader {
 
     /// Moves the session to the pool for `key`, answering with Redis's own error when the
     /// pool's handshake fails, else forwarding `args` there for Redis's own reply.
-    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<bool, Stop> {
+    ///
+    /// When `args` carry credentials (`AUTH`, `HELLO … AUTH`), Redis judges them on every use:
+    /// an existing pool shows only that they were right when it was made, and a password may
+    /// have been reset or the user disabled since. The session waits for that reply and keeps
+    /// its previous state when it is an error, as a Redis connection keeps its user.
+    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], checks_creds: bool, meta: Meta) -> Result<bool, Stop> {
         self.flush().await?;
         if let Err(e) = self.ctx.upstream.pool(&key).await {
             self.local(e.to_reply(), meta).await?;
@@ -1313,11 +1319,29 @@ impl Reader {
         // Later commands go to another connection, so earlier ones must be answered first.
         self.barrier().await?;
         self.drop_pinned().await?;
+        let before = self.state.key();
         self.state.creds = key.creds;
         self.state.db = key.db;
         self.state.proto = key.proto;
-        self.send_pooled(args, meta).await?;
-        Ok(true)
+        if !checks_creds {
+            self.send_pooled(args, meta).await?;
+            return Ok(true);
+        }
+        let (reply, charged) = match self.queue_pooled(args).await? {
+            Ok(rx) => {
+                self.flush().await?;
+                charged_reply(rx.await)
+            }
+            Err(e) => (e.to_reply(), 0),
+        };
+        let accepted = !reply::is_error(&reply);
+        if !accepted {
+            self.state.creds = before.creds;
+            self.state.db = before.db;
+            self.state.proto = before.proto;
+        }
+        self.later(Box::pin(std::future::ready((reply, charged))), meta).await?;
+        Ok(accepted)
     }
 
     async fn select(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
@@ -1328,7 +1352,7 @@ impl Reader {
         };
         let mut key = self.state.key();
         key.db = db;
-        self.move_to(key, &cmd.args, meta).await?;
+        self.move_to(key, &cmd.args, false, meta).await?;
         Ok(())
     }
 
@@ -1340,7 +1364,7 @@ impl Reader {
         };
         let mut key = self.state.key();
         key.creds = Some(creds);
-        self.move_to(key, &cmd.args, meta).await?;
+        self.move_to(key, &cmd.args, true, meta).await?;
         Ok(())
     }
 
@@ -1359,12 +1383,17 @@ impl Reader {
         if let Some(proto) = hello.proto {
             key.proto = proto;
         }
+        // Forwarded without SETNAME (the name is the session's, not the shared connection's),
+        // with AUTH so that Redis checks the credentials.
+        let mut forwarded = vec![Bytes::from_static(b"HELLO"), Bytes::from(key.proto.version().to_string())];
+        let checks_creds = hello.creds.is_some();
         if let Some(creds) = hello.creds {
+            forwarded.push(Bytes::from_static(b"AUTH"));
+            forwarded.extend(creds.user.clone());
+            forwarded.push(creds.pass.clone());
             key.creds = Some(creds);
         }
-        let version = key.proto.version().to_string();
-        let forwarded = [Bytes::from_static(b"HELLO"), Bytes::from(version)];
-        if self.move_to(key, &forwarded, meta).await?
+        if self.move_to(key, &forwarded, checks_creds, meta).await?
             && let Some(name) = hello.name
         {
             self.state.name = if name.is_empty() { None } else { Some(name) };

@@ -351,6 +351,48 @@ async fn acl_user_auth_and_noperm_errors_pass_through() {
     assert_eq!(d.cmd(&["AUTH", "x"]).await, d_direct.cmd(&["AUTH", "x"]).await);
 }
 
+/// A pool authenticated with a password proves only that the password was right when the pool
+/// was made. After `ACL SETUSER … resetpass`, the old password must fail through sidecache as it
+/// does on Redis, and leave the client the user it was, whatever pools sidecache holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_password_is_refused_even_while_a_pool_holds_the_old_one() {
+    let redis = RedisServer::start_with(&["--user", "alice", "on", ">old", "~*", "&*", "+@all"]);
+    let proxy = Proxy::start(&redis).await;
+    // Pools for (alice, old) in RESP2 and RESP3.
+    let mut first = proxy.client().await;
+    assert_eq!(first.cmd(&["AUTH", "alice", "old"]).await, b("+OK\r\n"));
+    let mut first3 = proxy.client().await;
+    assert!(first3.cmd(&["HELLO", "3", "AUTH", "alice", "old"]).await.starts_with(b"%7\r\n"));
+    let mut admin = Client::connect(&redis.addr()).await;
+    assert_eq!(admin.cmd(&["ACL", "SETUSER", "alice", "resetpass", ">new"]).await, b("+OK\r\n"));
+
+    let script: &[&[&str]] = &[
+        &["AUTH", "alice", "old"],
+        &["ACL", "WHOAMI"],
+        &["HELLO", "3", "AUTH", "alice", "old"],
+        &["ACL", "WHOAMI"],
+        &["GET", "missing"],
+        &["HELLO", "2", "AUTH", "alice", "old", "SETNAME", "x"],
+        &["CLIENT", "GETNAME"],
+        &["AUTH", "alice", "new"],
+        &["ACL", "WHOAMI"],
+        &["AUTH", "alice", "old"],
+        &["ACL", "WHOAMI"],
+        &["HELLO", "3", "AUTH", "alice", "old"],
+        &["GET", "missing"],
+    ];
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    for cmd in script {
+        let want = direct.cmd(cmd).await;
+        let got = via.cmd(cmd).await;
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+    }
+    // The two clients that authenticated before the change stay alice, as on Redis.
+    assert_eq!(first.cmd(&["ACL", "WHOAMI"]).await, b("$5\r\nalice\r\n"));
+    assert_eq!(first3.cmd(&["ACL", "WHOAMI"]).await, b("$5\r\nalice\r\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_setname_and_getname_are_per_client() {
     let redis = RedisServer::start();

@@ -153,7 +153,12 @@ impl ReplyBudget {
 enum SlotState {
     Empty,
     Up(MuxHandle),
-    Down { until: Instant, error: String, failures: u32 },
+    /// Failed `failures` times in a row; no new attempt before `until`.
+    Down {
+        until: Instant,
+        error: UpstreamError,
+        failures: u32,
+    },
 }
 
 /// The multiplexed connections for one `PoolKey`.
@@ -242,8 +247,12 @@ impl Upstream {
         let mut state = slot.lock().await;
         let failures = match &*state {
             SlotState::Up(h) if h.is_alive() => return Ok(h.clone()),
+            // Redis's own refusal is repeated as is; a transport failure says it is waiting.
             SlotState::Down { until, error, .. } if Instant::now() < *until => {
-                return Err(UpstreamError::Backoff(error.clone()));
+                return Err(match error {
+                    UpstreamError::Rejected(reply) => UpstreamError::Rejected(reply.clone()),
+                    other => UpstreamError::Backoff(other.to_string()),
+                });
             }
             SlotState::Down { failures, .. } => *failures,
             _ => 0,
@@ -256,10 +265,11 @@ impl Upstream {
                 Ok(h)
             }
             Err(e) => {
-                Metrics::get().upstream_connect_failures.increment(1);
+                if !matches!(e, UpstreamError::Rejected(_)) {
+                    Metrics::get().upstream_connect_failures.increment(1);
+                }
                 let failures = failures + 1;
-                *state =
-                    SlotState::Down { until: Instant::now() + self.backoff(failures), error: e.to_string(), failures };
+                *state = SlotState::Down { until: Instant::now() + self.backoff(failures), error: e.clone(), failures };
                 Err(e)
             }
         }
