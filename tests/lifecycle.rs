@@ -387,3 +387,61 @@ async fn stalled_upstream_gives_errors_not_hangs() {
     assert_eq!(reply, b(STALLED));
     recovers(c, "$1\r\nv\r\n").await;
 }
+
+/// Connections Redis lists for database `db`.
+async fn connections_in_db(redis: &RedisServer, db: u32) -> usize {
+    let mut c = Client::connect(&redis.addr()).await;
+    let list = c.cmd(&["CLIENT", "LIST"]).await;
+    String::from_utf8_lossy(&list).lines().filter(|l| l.contains(&format!(" db={db} "))).count()
+}
+
+/// A pool no session holds is closed after `POOL_UNUSED_SWEEPS` sweeps, its connections with
+/// it; a pool a session holds, and the initial pool, stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_no_session_uses_are_closed_by_the_sweep_and_others_stay() {
+    use sidecache::protocol::encode::Proto;
+    use sidecache::upstream::{Endpoint, POOL_UNUSED_SWEEPS, PoolKey, Upstream};
+    let redis = RedisServer::start();
+    let (host, port) = redis.addr().rsplit_once(':').map(|(h, p)| (h.to_string(), p.parse().unwrap())).unwrap();
+    let endpoint = Endpoint {
+        host,
+        port,
+        connect_timeout: Duration::from_secs(2),
+        command_timeout: Duration::from_secs(5),
+        limits: Default::default(),
+    };
+    let upstream = Upstream::new(endpoint, None, 0, 2, Duration::from_secs(1));
+    let key = |db| PoolKey { creds: None, db, proto: Proto::Resp2 };
+    let initial = upstream.pool(&upstream.initial_key()).await.expect("pool for db 0");
+    let held = upstream.pool(&key(3)).await.expect("pool for db 3");
+    // Session 0 gets slot 0: the connection the pool was made with.
+    let session_handle = upstream.connection(&held, 0).await.expect("connection for db 3");
+    let idle = upstream.pool(&key(4)).await.expect("pool for db 4");
+    drop((initial, held, idle));
+    assert_eq!(upstream.pool_count(), 3);
+    assert_eq!(connections_in_db(&redis, 4).await, 1, "the db 4 pool has its first connection");
+
+    for sweep in 1..POOL_UNUSED_SWEEPS {
+        assert_eq!(upstream.sweep(), 0, "sweep {sweep} closes nothing yet");
+    }
+    assert_eq!(upstream.sweep(), 1, "the unused db 4 pool is closed");
+    assert_eq!(upstream.pool_count(), 2);
+    eventually("Redis no longer lists the db 4 connection", || async { connections_in_db(&redis, 4).await == 0 }).await;
+    for _ in 0..POOL_UNUSED_SWEEPS * 2 {
+        assert_eq!(upstream.sweep(), 0, "the held db 3 pool and the initial pool stay");
+    }
+    assert_eq!(connections_in_db(&redis, 3).await, 1);
+
+    // Let go of the db 3 connection: the pool goes after the same number of sweeps.
+    drop(session_handle);
+    for _ in 1..POOL_UNUSED_SWEEPS {
+        assert_eq!(upstream.sweep(), 0);
+    }
+    assert_eq!(upstream.sweep(), 1, "the db 3 pool is closed once nobody holds it");
+    eventually("Redis no longer lists the db 3 connection", || async { connections_in_db(&redis, 3).await == 0 }).await;
+    // The next client of db 3 gets a new pool.
+    let again = upstream.pool(&key(3)).await.expect("a new pool for db 3");
+    upstream.connection(&again, 0).await.expect("a connection of the new pool");
+    assert_eq!(connections_in_db(&redis, 3).await, 1);
+    assert_eq!(upstream.pool_count(), 2);
+}

@@ -2,7 +2,8 @@
 //! the health check that decides `/readyz` and `sidecache_upstream_up`.
 //!
 //! Owns: `Upstream`, the registry of pools keyed by (credentials, database, protocol), each
-//! pool's fixed number of slots with reconnect backoff and jitter, and `ReplyBudget`, the
+//! pool's fixed number of slots with reconnect backoff and jitter, the sweep that closes pools
+//! no session uses any more, and `ReplyBudget`, the
 //! per-session count of reply bytes that arrived but are not yet written to the client. Does
 //! not own: what sessions send (see `session`).
 //!
@@ -15,7 +16,7 @@ pub mod mux;
 pub mod pinned;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -165,7 +166,29 @@ enum SlotState {
 pub struct Pool {
     key: PoolKey,
     slots: Vec<Mutex<SlotState>>,
+    /// Consecutive sweeps that found no session holding any of its connections.
+    unused_sweeps: AtomicU32,
 }
+
+impl Pool {
+    /// True when no session holds a connection of this pool (the pool's own handle is the
+    /// only one left, or there is none).
+    fn unused(&self) -> bool {
+        self.slots.iter().all(|slot| match slot.try_lock() {
+            Ok(state) => match &*state {
+                SlotState::Up(h) => h.holders() == 1,
+                _ => true,
+            },
+            // A session is getting a connection right now.
+            Err(_) => false,
+        })
+    }
+}
+
+/// How often `sweep_loop` looks for unused pools.
+pub const POOL_SWEEP: Duration = Duration::from_secs(60);
+/// Sweeps in a row that must find a pool unused before it is closed.
+pub const POOL_UNUSED_SWEEPS: u32 = 2;
 
 /// The registry of pools and the upstream's health.
 pub struct Upstream {
@@ -236,6 +259,7 @@ impl Upstream {
             slots: (0..self.pool_size)
                 .map(|i| Mutex::new(if i == 0 { SlotState::Up(first.clone()) } else { SlotState::Empty }))
                 .collect(),
+            unused_sweeps: AtomicU32::new(0),
         });
         Ok(self.pools.entry(key.clone()).or_insert(pool).value().clone())
     }
@@ -273,6 +297,45 @@ impl Upstream {
                 Err(e)
             }
         }
+    }
+
+    /// Closes the pools that no session has used for `POOL_UNUSED_SWEEPS` sweeps in a row,
+    /// except the pool of `initial_key`; returns how many. A pool exists for each (credentials,
+    /// database, protocol) some client used, so without this a rotated password or a client
+    /// that visited another database would keep its connections open for good. A session that
+    /// still holds a connection of a closed pool keeps it until it lets go; the next one to need
+    /// the pool makes a new one.
+    pub fn sweep(&self) -> usize {
+        let initial = self.initial_key();
+        let before = self.pools.len();
+        self.pools.retain(|key, pool| {
+            if *key == initial || !pool.unused() {
+                pool.unused_sweeps.store(0, Ordering::Relaxed);
+                return true;
+            }
+            pool.unused_sweeps.fetch_add(1, Ordering::Relaxed) + 1 < POOL_UNUSED_SWEEPS
+        });
+        let closed = before.saturating_sub(self.pools.len());
+        if closed > 0 {
+            tracing::debug!(closed, "Closed unused upstream pools.");
+        }
+        closed
+    }
+
+    /// Runs `sweep` every `every` until `stop` fires.
+    pub async fn sweep_loop(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.sweep();
+        }
+    }
+
+    /// Pools open now.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
     }
 
     /// Exponential backoff from 50 ms up to `max_backoff`, with jitter in [50%, 100%].

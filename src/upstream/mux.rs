@@ -108,6 +108,11 @@ impl MuxHandle {
         self.alive.load(Ordering::Relaxed) && !self.tx.is_closed()
     }
 
+    /// How many handles to this connection exist (the pool's own included).
+    pub fn holders(&self) -> usize {
+        self.tx.strong_count()
+    }
+
     /// True when both handles drive the same connection.
     pub fn is_same(&self, other: &MuxHandle) -> bool {
         self.tx.same_channel(&other.tx)
