@@ -1121,11 +1121,7 @@ impl Reader {
         let mut lead_pos = Vec::new();
         let mut cached_any = false;
         for key in keys {
-            let read = crate::cache::Read {
-                key: key.clone(),
-                view: crate::cache::reads::get_view(),
-                shape: crate::cache::Shape::Scalar,
-            };
+            let read = crate::cache::reads::mget_element(key.clone());
             match cache.lookup(&who, &read) {
                 Lookup::Hit(b) => {
                     cached_any = true;

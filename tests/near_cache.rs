@@ -231,6 +231,31 @@ async fn mget_answers_partial_hits_in_order() {
     assert_eq!(c.cmd(&args).await, d3.cmd(&args).await, "RESP3 nulls");
 }
 
+/// `MGET` shows a null for a key of another type; `GET` of that key must still say
+/// `WRONGTYPE`, so what `MGET` cached never answers `GET`.
+#[tokio::test]
+async fn an_mget_null_for_a_hash_never_answers_a_get() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["HSET", "master:w", "f", "1"]).await;
+    let mut c = a.client().await;
+    let mget = ["MGET", "master:w", "master:none"];
+    for _ in 0..2 {
+        assert_eq!(c.cmd(&mget).await, b("*2\r\n$-1\r\n$-1\r\n"), "MGET shows nulls, as Redis does");
+    }
+    let hits = stat(&mut c, "hits").await;
+    assert_eq!(c.cmd(&mget).await, b("*2\r\n$-1\r\n$-1\r\n"));
+    assert_eq!(stat(&mut c, "hits").await, hits + 2, "MGET's own entries answer MGET");
+    let want = direct.cmd(&["GET", "master:w"]).await;
+    assert!(want.starts_with(b"-WRONGTYPE"), "{want:?}");
+    for _ in 0..2 {
+        assert_eq!(c.cmd(&["GET", "master:w"]).await, want, "GET after MGET is Redis's WRONGTYPE");
+    }
+    assert_eq!(c.cmd(&["GET", "master:none"]).await, b("$-1\r\n"));
+    assert_eq!(c.cmd(&mget).await, b("*2\r\n$-1\r\n$-1\r\n"), "and MGET still shows nulls");
+}
+
 #[tokio::test]
 async fn one_entry_serves_resp2_and_resp3_clients() {
     let redis = RedisServer::start();

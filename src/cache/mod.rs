@@ -348,7 +348,9 @@ impl NearCache {
             return Lookup::Skip;
         }
         if let Some(entry) = self.store.get(&read.key[..])
-            && let Some(item) = entry.items.iter().find(|i| i.db == who.db && i.user == who.user && i.view == read.view)
+            && let Some(item) = entry.items.iter().find(|i| {
+                i.db == who.db && i.user == who.user && (i.view == read.view || read.hit_also.as_ref() == Some(&i.view))
+            })
         {
             if item.expires > Instant::now() {
                 self.rules[rule as usize].metrics.hits.increment(1);

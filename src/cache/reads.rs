@@ -35,6 +35,8 @@ pub struct Read {
     pub view: Bytes,
     /// The reply's shape.
     pub shape: Shape,
+    /// Another view whose cached reply also answers this read (never joined while in flight).
+    pub hit_also: Option<Bytes>,
 }
 
 /// How a command can use the near-cache.
@@ -42,13 +44,26 @@ pub struct Read {
 pub enum Plan {
     /// A read of one key.
     Single(Read),
-    /// `MGET`: one `GET` view per key.
+    /// `MGET`: one `mget_element` read per key.
     Mget(Vec<Bytes>),
 }
 
-/// The view of `GET key` (also what `MGET` reads of each key).
+/// The view of `GET key`.
 pub fn get_view() -> Bytes {
     Bytes::from_static(b"*1\r\n$3\r\nGET\r\n")
+}
+
+/// What `MGET` reads of each of its keys. Its null means "no string there": the key is missing
+/// or holds another type. So an `MGET` fill never answers a `GET`, which must say `WRONGTYPE` for
+/// a hash; the other way is safe, and a cached `GET` reply (a string, or the null of a missing
+/// key) answers an `MGET` element as a hit (`Read::hit_also`).
+pub fn mget_element(key: Bytes) -> Read {
+    Read {
+        key,
+        view: Bytes::from_static(b"*1\r\n$4\r\nMGET\r\n"),
+        shape: Shape::Scalar,
+        hit_also: Some(get_view()),
+    }
 }
 
 fn view_of(name: &[u8], rest: &[Bytes]) -> Bytes {
@@ -79,7 +94,7 @@ pub fn plan(cmd: &Command) -> Option<Plan> {
         _ => return None,
     };
     let view = if cmd.name() == b"GET" { get_view() } else { view_of(cmd.name(), &cmd.args[2..]) };
-    Some(Plan::Single(Read { key: cmd.args[1].clone(), view, shape }))
+    Some(Plan::Single(Read { key: cmd.args[1].clone(), view, shape, hit_also: None }))
 }
 
 /// A reply kept for both protocols.
