@@ -844,6 +844,8 @@ impl Reader {
                 self.drop_pinned().await?;
                 self.target = Target::Nowhere;
                 self.state = State::new(&self.ctx.upstream.initial_key());
+                // The transaction is discarded with the connection: its writes never run.
+                self.multi_guard = None;
                 self.push(Slot::Local(encode::simple("RESET"), Some(meta))).await?;
             }
             Kind::Multi => {

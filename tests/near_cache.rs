@@ -256,6 +256,26 @@ async fn an_mget_null_for_a_hash_never_answers_a_get() {
     assert_eq!(c.cmd(&mget).await, b("*2\r\n$-1\r\n$-1\r\n"), "and MGET still shows nulls");
 }
 
+/// A write queued in `MULTI` keeps its keys out of the cache until `EXEC`; `RESET` discards the
+/// transaction, and the keys must be cached again (they were not for as long as the client
+/// stayed connected).
+#[tokio::test]
+async fn reset_inside_multi_lets_its_keys_be_cached_again() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:mx", "1"]).await;
+    let mut t = a.client().await;
+    for cmd in [&["MULTI"][..], &["SET", "master:mx", "2"], &["FLUSHALL"], &["RESET"]] {
+        t.cmd(cmd).await;
+    }
+    let mut c = a.client().await;
+    assert_eq!(c.cmd(&["GET", "master:mx"]).await, bulk("1"), "the discarded SET never ran");
+    let hits = stat(&mut c, "hits").await;
+    assert_eq!(c.cmd(&["GET", "master:mx"]).await, bulk("1"));
+    assert_eq!(stat(&mut c, "hits").await, hits + 1, "the key is cached again while the client stays");
+}
+
 #[tokio::test]
 async fn one_entry_serves_resp2_and_resp3_clients() {
     let redis = RedisServer::start();
