@@ -243,11 +243,14 @@ enum Unit {
 
 impl Unit {
     /// The TTL in milliseconds from now, when the argument is one Redis would accept.
+    /// `None` also where Redis answers "invalid expire time": a relative TTL whose deadline
+    /// (now plus it, in milliseconds) is past `i64::MAX`. Such a write is left for Redis to refuse.
     fn ttl_ms(self, arg: &[u8]) -> Option<i64> {
         let n = parse_i64(arg)?;
+        let relative = |ms: i64| ms.checked_add(now_ms()).map(|_| ms);
         match self {
-            Unit::Secs => n.checked_mul(1000),
-            Unit::Millis => Some(n),
+            Unit::Secs => n.checked_mul(1000).and_then(relative),
+            Unit::Millis => relative(n),
             Unit::AtSecs => n.checked_mul(1000).map(|at| at.saturating_sub(now_ms())),
             Unit::AtMillis => Some(n.saturating_sub(now_ms())),
         }
@@ -849,6 +852,17 @@ mod tests {
             panic!()
         };
         assert_eq!(strs(&a), ["getex", "k:1", "PX", "60000"]);
+        // Past i64::MAX milliseconds from now: Redis's "invalid expire time", left to Redis.
+        for args in [
+            &["set", "k:1", "v", "PX", "9223372036854775807"][..],
+            &["set", "k:1", "v", "EX", "9223372036854775"],
+            &["psetex", "k:1", "9223372036854775807", "v"],
+            &["pexpire", "k:1", "9223372036854775807"],
+            &["expire", "k:1", "9223372036854775"],
+            &["getex", "k:1", "PX", "9223372036854775000"],
+        ] {
+            assert_eq!(p.plan(&cmd(args), 0), Plan::Forward, "{args:?}");
+        }
     }
 
     #[test]

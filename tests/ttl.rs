@@ -373,6 +373,24 @@ async fn explicit_ttls_are_kept_up_to_max_and_clamped_above() {
     rig.both(&["SET", "t:clamp:bad", "v", "EX"]).await;
     rig.both(&["SETEX", "t:clamp:bad", "0", "v"]).await;
     rig.both(&["EXPIRE", "t:clamp:bad", "x"]).await;
+    // Past i64::MAX milliseconds from now: Redis refuses them, so they are never clamped.
+    for write in [
+        &["SET", "t:clamp:huge", "v", "PX", "9223372036854775807"][..],
+        &["SET", "t:clamp:huge", "v", "EX", "9223372036854775"],
+        &["PSETEX", "t:clamp:huge", "9223372036854775807", "v"],
+        &["GETEX", "t:clamp:1", "PX", "9223372036854775000"],
+    ] {
+        let reply = rig.both(write).await;
+        assert!(reply.starts_with(b"-ERR invalid expire time"), "{write:?}: {reply:?}");
+    }
+    assert_eq!(rig.pttl("t:clamp:huge").await, -2, "nothing was created");
+    rig.setup(&["SET", "t:clamp:huge", "v"]).await;
+    for write in
+        [&["PEXPIRE", "t:clamp:huge", "9223372036854775807"][..], &["EXPIRE", "t:clamp:huge", "9223372036854775"]]
+    {
+        let reply = rig.both(write).await;
+        assert!(reply.starts_with(b"-ERR invalid expire time"), "{write:?}: {reply:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
