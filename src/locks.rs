@@ -50,24 +50,51 @@ use crate::protocol::reply;
 use crate::protocol::request::parse_i64;
 use crate::upstream::{Batch, Handshake, PoolKey, Upstream, UpstreamError, Waiter, conn};
 
-/// Takes the lock if free: `{1, fence, repaired}`; else `{0, pttl of the holder}`.
-/// KEYS: lock, fence counter. ARGV: token, lease ms, highest fence this instance handed out.
-const ACQUIRE: &str = r#"
+/// Lua helpers for counters. Lua numbers are doubles, exact only up to 2^53, while Redis
+/// counters go to 2^63: so the scripts never do arithmetic on a counter. They compare decimal
+/// strings (`below`), let Redis count (`INCRBY`), and return what `GET` then reads, a string.
+/// Errors of Redis commands are returned as they are (`redis.pcall`), without the script's name.
+macro_rules! counter_lua {
+    () => {
+        r#"
+local function int(s)
+  return s == '0' or string.find(s, '^%-?[1-9]%d*$') ~= nil
+end
+local function below(a, b)
+  local na, nb = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+  if na ~= nb then return na end
+  if #a ~= #b then return (#a < #b) ~= na end
+  if a == b then return false end
+  return (a < b) ~= na
+end
+"#
+    };
+}
+
+/// Takes the lock if free: `{1, fence, repaired}` (the fence as a string); else `{0, pttl of the
+/// holder}`. A fence counter found behind the highest fence this instance handed out (Redis lost
+/// data) is moved to it first. KEYS: lock, fence counter. ARGV: token, lease ms, that fence.
+const ACQUIRE: &str = concat!(
+    counter_lua!(),
+    r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('PTTL', KEYS[1])}
 end
-local fence = redis.call('INCR', KEYS[2])
-local floor = tonumber(ARGV[3])
+local prev = redis.pcall('GET', KEYS[2])
+if type(prev) == 'table' then return prev end
 local repaired = 0
-if fence <= floor then
-  fence = floor + 1
-  redis.call('SET', KEYS[2], fence)
+if int(prev or '0') and below(prev or '0', ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[3])
   repaired = 1
 end
+local r = redis.pcall('INCR', KEYS[2])
+if type(r) == 'table' then return r end
+local fence = redis.call('GET', KEYS[2])
 redis.call('HSET', KEYS[1], 'token', ARGV[1], 'fence', fence)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, fence, repaired}
-"#;
+"#
+);
 
 /// Deletes the lock if it holds the token and announces it: 1, else 0.
 /// KEYS: lock. ARGV: token, channel, lock name (the message).
@@ -89,34 +116,38 @@ end
 return 0
 "#;
 
-/// `{fence, pttl}` of a held lock, else nil. KEYS: lock.
+/// `{fence, pttl}` of a held lock (the fence as a string), else nil. KEYS: lock.
 const INFO: &str = r#"
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if not fence then
   return false
 end
-return {tonumber(fence), redis.call('PTTL', KEYS[1])}
+return {fence, redis.call('PTTL', KEYS[1])}
 "#;
 
-/// Reserves `n` numbers: `{last, repaired}`. A counter found behind what this instance handed
-/// out is moved past it. KEYS: counter. ARGV: n, highest number handed out here, TTL ms (0: none,
-/// and an existing TTL is never changed).
-const SERIAL: &str = r#"
-local n = tonumber(ARGV[1])
-local floor = tonumber(ARGV[2])
-local last = redis.call('INCRBY', KEYS[1], n)
+/// Reserves `n` numbers: `{last, repaired}` (`last` as a string). A counter found behind what
+/// this instance handed out is moved past it. KEYS: counter. ARGV: n, highest number handed out
+/// here, TTL ms (0: none, and an existing TTL is never changed).
+const SERIAL: &str = concat!(
+    counter_lua!(),
+    r#"
+local prev = redis.pcall('GET', KEYS[1])
+if type(prev) == 'table' then return prev end
 local repaired = 0
-if last - n < floor then
-  last = floor + n
-  redis.call('SET', KEYS[1], last, 'KEEPTTL')
+if int(prev or '0') and below(prev or '0', ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   repaired = 1
 end
+local r = redis.pcall('INCRBY', KEYS[1], ARGV[1])
+if type(r) == 'table' then return r end
+local last = redis.call('GET', KEYS[1])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 and redis.call('PTTL', KEYS[1]) == -1 then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return {last, repaired}
-"#;
+"#
+);
 
 /// Gives the TTL policy's default TTL for a counter key (`None`: no rule, the key keeps none).
 pub type TtlLookup = Box<dyn Fn(&[u8]) -> Option<Duration> + Send + Sync>;
@@ -326,12 +357,19 @@ fn parse_val(frame: &Bytes) -> Result<Val, LockError> {
         b'*' => {
             let n = parse_i64(head).ok_or(LockError::Unexpected)?;
             let mut out = Vec::with_capacity(n.clamp(0, 8) as usize);
+            // Integers, or bulk strings holding one (counters, kept exact past 2^53).
             for _ in 0..n {
                 let (k, r) = rest.split_first().ok_or(LockError::Unexpected)?;
                 let (v, r) = line(r).ok_or(LockError::Unexpected)?;
-                if *k != b':' {
-                    return Err(LockError::Unexpected);
-                }
+                let (v, r) = match *k {
+                    b':' => (v, r),
+                    b'$' => {
+                        let len = parse_i64(v).and_then(|l| usize::try_from(l).ok()).ok_or(LockError::Unexpected)?;
+                        let body = r.get(..len).ok_or(LockError::Unexpected)?;
+                        (body, r.get(len + 2..).ok_or(LockError::Unexpected)?)
+                    }
+                    _ => return Err(LockError::Unexpected),
+                };
                 out.push(parse_i64(v).ok_or(LockError::Unexpected)?);
                 rest = r;
             }
@@ -1114,6 +1152,12 @@ mod tests {
         assert_eq!(parse_val(&Bytes::from_static(b":0\r\n")).unwrap(), Val::Int(0));
         assert!(matches!(parse_val(&Bytes::from_static(b"-WRONGTYPE x\r\n")), Err(LockError::Redis(_))));
         assert!(matches!(parse_val(&Bytes::from_static(b"*1\r\n$1\r\nx\r\n")), Err(LockError::Unexpected)));
+        // Counters come back as strings, exact past 2^53.
+        assert_eq!(
+            parse_val(&Bytes::from_static(b"*3\r\n:1\r\n$16\r\n9007199254740993\r\n:0\r\n")).unwrap(),
+            Val::Ints(vec![1, 9007199254740993, 0])
+        );
+        assert!(matches!(parse_val(&Bytes::from_static(b"*1\r\n$5\r\n12\r\n")), Err(LockError::Unexpected)));
     }
 
     #[test]

@@ -470,6 +470,44 @@ async fn serial_next_count_reserves_a_block_and_returns_its_last_number() {
     assert_eq!(a.cmd(&["SERIAL.NEXT", "other"]).await, b(":1\r\n"));
 }
 
+/// Counters past 2^53 (Lua numbers are doubles, exact only below it): every number is still
+/// handed out once, and a repair past such a number is exact too. Serial numbers with a date
+/// in front have 17 digits and more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_numbers_and_fences_past_two_to_the_53_are_exact() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let big: i64 = 1 << 53;
+    direct.cmd(&["SET", "serial:big", &big.to_string()]).await;
+    for i in 1..=4 {
+        assert_eq!(int(&c.cmd(&["SERIAL.NEXT", "big"]).await), big + i, "number {i} after 2^53");
+    }
+    assert_eq!(int(&c.cmd(&["SERIAL.NEXT", "big", "COUNT", "3"]).await), big + 7);
+    // Redis loses the counter: the repair continues exactly after the last number handed out.
+    direct.cmd(&["SET", "serial:big", "5"]).await;
+    assert_eq!(int(&c.cmd(&["SERIAL.NEXT", "big"]).await), big + 8);
+    assert_eq!(direct.cmd(&["GET", "serial:big"]).await, b(&format!("$16\r\n{}\r\n", big + 8)));
+    // Past i64::MAX: Redis's own error, without the script's name.
+    direct.cmd(&["SET", "serial:top", &i64::MAX.to_string()]).await;
+    assert_eq!(c.cmd(&["SERIAL.NEXT", "top"]).await, b("-ERR increment or decrement would overflow\r\n"));
+
+    direct.cmd(&["SET", "sidecache:lock:fence", &big.to_string()]).await;
+    let mut last = big;
+    for i in 1..=4 {
+        let (token, fence) = acquired(&c.cmd(&["LOCK.ACQUIRE", "big", "10000"]).await).expect("free lock");
+        assert_eq!(fence, big + i, "fence {i} after 2^53");
+        let info = c.cmd(&["LOCK.INFO", "big"]).await;
+        assert!(info.starts_with(format!("*4\r\n$5\r\nfence\r\n:{fence}\r\n").as_bytes()), "{info:?}");
+        assert_eq!(c.cmd(&["LOCK.RELEASE", "big", &token]).await, b(":1\r\n"));
+        last = fence;
+    }
+    direct.cmd(&["DEL", "sidecache:lock:fence"]).await;
+    let (_, fence) = acquired(&c.cmd(&["LOCK.ACQUIRE", "big", "10000"]).await).expect("free lock");
+    assert_eq!(fence, last + 1, "a lost fence counter continues after the last fence");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_counter_that_went_back_is_repaired_and_counted() {
     let redis = RedisServer::start();

@@ -58,12 +58,7 @@ pub fn get_view() -> Bytes {
 /// a hash; the other way is safe, and a cached `GET` reply (a string, or the null of a missing
 /// key) answers an `MGET` element as a hit (`Read::hit_also`).
 pub fn mget_element(key: Bytes) -> Read {
-    Read {
-        key,
-        view: Bytes::from_static(b"*1\r\n$4\r\nMGET\r\n"),
-        shape: Shape::Scalar,
-        hit_also: Some(get_view()),
-    }
+    Read { key, view: Bytes::from_static(b"*1\r\n$4\r\nMGET\r\n"), shape: Shape::Scalar, hit_also: Some(get_view()) }
 }
 
 fn view_of(name: &[u8], rest: &[Bytes]) -> Bytes {
