@@ -578,6 +578,29 @@ async fn pubsub_mode_invalidates_across_instances_and_bounds_direct_writes() {
     converges(&mut ca, "master:p", &bulk("3"), "direct write, bounded by pubsub_max_ttl").await;
 }
 
+/// Rule prefixes that cover the link's probe keys (`_`), or that the probe's prefix covers,
+/// must not make Redis refuse `CLIENT TRACKING` for overlapping prefixes.
+#[tokio::test]
+async fn rule_prefixes_overlapping_the_probe_keys_still_track() {
+    let redis = RedisServer::start();
+    for prefix in ["_", "__sidecache:probe:mine:"] {
+        let mut cfg = test_config(&redis.url());
+        cached(&mut cfg, prefix);
+        cfg.near_cache.coherence = CoherenceMode::Tracking;
+        let p = Proxy::start_config(cfg).await;
+        wait_coherent(&p).await;
+        let mut c = p.client().await;
+        assert_eq!(stats(&mut c).await["coherence"], "tracking", "rule {prefix:?}");
+        let key = format!("{prefix}k");
+        let mut direct = Client::connect(&redis.addr()).await;
+        direct.cmd(&["SET", &key, "1"]).await;
+        assert_eq!(c.cmd(&["GET", &key]).await, bulk("1"));
+        assert_eq!(c.cmd(&["GET", &key]).await, bulk("1"));
+        direct.cmd(&["SET", &key, "2"]).await;
+        converges(&mut c, &key, &bulk("2"), &format!("a direct write under rule {prefix:?}")).await;
+    }
+}
+
 #[tokio::test]
 async fn refused_tracking_keeps_the_cache_bypassed_and_readyz_says_why() {
     let redis = RedisServer::start();

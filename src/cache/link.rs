@@ -33,6 +33,14 @@ pub const LINK_NAME: &str = "sidecache-coherence";
 /// Prefix of the probe keys the heartbeat writes.
 pub const PROBE_PREFIX: &str = "__sidecache:probe:";
 
+/// True for a probe key of any instance (`PROBE_PREFIX` and 16 hex digits): another
+/// instance's heartbeat, which invalidates nothing here. Other keys under the prefix are
+/// ordinary keys a rule may cover.
+fn is_probe_key(key: &[u8]) -> bool {
+    key.strip_prefix(PROBE_PREFIX.as_bytes())
+        .is_some_and(|id| id.len() == 16 && id.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)))
+}
+
 /// Keeps the link up until `stop`; never returns earlier.
 pub async fn run(cache: Arc<NearCache>, upstream: Arc<Upstream>, stop: CancellationToken) {
     let probe = Bytes::from(format!("{PROBE_PREFIX}{:016x}", fastrand::u64(..)));
@@ -125,11 +133,7 @@ async fn session_inner(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Byte
 
     let mode = match cfg.coherence {
         CoherenceMode::Auto | CoherenceMode::Tracking => {
-            let mut prefixes = cache.tracked_prefixes();
-            // An empty prefix covers every key, the probe's too; otherwise track the probe's.
-            if !prefixes.iter().any(|p| p.is_empty()) {
-                prefixes.push(Bytes::from_static(PROBE_PREFIX.as_bytes()));
-            }
+            let prefixes = cache.tracked_prefixes();
             let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"ON", b"BCAST"];
             for p in &prefixes {
                 args.push(b"PREFIX");
@@ -262,7 +266,7 @@ fn handle_push(cache: &NearCache, mode: CoherenceMode, probe: &Bytes, probe_mess
                 for k in keys.iter().filter_map(Value::as_bytes) {
                     if k == probe {
                         probed = true;
-                    } else if !k.starts_with(PROBE_PREFIX.as_bytes()) {
+                    } else if !is_probe_key(k) {
                         cache.invalidate(k, Source::Tracking);
                     }
                 }

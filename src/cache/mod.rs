@@ -310,10 +310,12 @@ impl NearCache {
         }
     }
 
-    /// The key prefixes to track: the smallest set covering every rule (Redis refuses
-    /// overlapping prefixes in one `CLIENT TRACKING` call).
+    /// The key prefixes to track: the smallest set covering every rule and the link's probe
+    /// keys (Redis refuses overlapping prefixes in one `CLIENT TRACKING` call, so a rule for
+    /// `_` covers the probe's `__sidecache:probe:`, and the probe's covers a rule under it).
     pub fn tracked_prefixes(&self) -> Vec<Bytes> {
         let mut all: Vec<Bytes> = self.rules.iter().map(|r| r.prefix.clone()).collect();
+        all.push(Bytes::from_static(link::PROBE_PREFIX.as_bytes()));
         all.sort_by_key(|p| p.len());
         let mut out: Vec<Bytes> = Vec::new();
         for p in all {
