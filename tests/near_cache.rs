@@ -172,6 +172,38 @@ async fn writes_by_every_route_are_never_served_stale() {
     converges(&mut ca, k, &b("$-1\r\n"), "eviction under maxmemory").await;
 }
 
+/// Redis's tracking sends nothing for `SWAPDB`: the instance that runs it announces "flush
+/// everything" on the pub/sub channel, which instances in tracking mode also hear. Writes to
+/// keys are not announced in tracking mode (Redis invalidates those itself).
+#[tokio::test]
+async fn swapdb_through_another_instance_is_seen_in_tracking_mode() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "master:").await;
+    let b2 = start_cached(&redis.url(), "master:").await;
+    let mut ca = a.client().await;
+    let mut cb = b2.client().await;
+    assert_eq!(stats(&mut ca).await["coherence"], "tracking");
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SELECT", "3"]).await;
+    direct.cmd(&["SET", "master:sw", "db3"]).await;
+    direct.cmd(&["SELECT", "0"]).await;
+    direct.cmd(&["SET", "master:sw", "db0"]).await;
+    let publishes = |stats: String| {
+        stats.lines().find_map(|l| l.strip_prefix("cmdstat_publish:calls=")?.split(',').next()?.parse::<u64>().ok())
+    };
+    let before = publishes(String::from_utf8_lossy(&direct.cmd(&["INFO", "commandstats"]).await).to_string());
+    for i in 0..20 {
+        cb.cmd(&["SET", &format!("master:w{i}"), "x"]).await;
+    }
+    let after = publishes(String::from_utf8_lossy(&direct.cmd(&["INFO", "commandstats"]).await).to_string());
+    assert_eq!(after, before, "writes to keys are not announced in tracking mode");
+    assert_eq!(ca.cmd(&["GET", "master:sw"]).await, bulk("db0"));
+    assert_eq!(ca.cmd(&["GET", "master:sw"]).await, bulk("db0"));
+    assert_eq!(cb.cmd(&["SWAPDB", "0", "3"]).await, b("+OK\r\n"));
+    converges(&mut ca, "master:sw", &bulk("db3"), "SWAPDB through another instance").await;
+    assert_eq!(cb.cmd(&["GET", "master:sw"]).await, bulk("db3"), "and on the instance that ran it");
+}
+
 #[tokio::test]
 async fn read_your_writes_over_1000_pipelined_pairs() {
     let redis = RedisServer::start();

@@ -4,7 +4,9 @@
 //! choosing the mode (`CLIENT TRACKING ON BCAST PREFIX …` for the smallest set of prefixes that
 //! covers every rule; else, or when configured, the `pubsub` fallback that subscribes to the
 //! invalidation channel and publishes this instance's writes on it), the heartbeat, and
-//! reconnecting with backoff. Every way the link can fail takes the cache down (flushed and
+//! reconnecting with backoff. In tracking mode the link subscribes to the channel too, for the
+//! one announcement Redis's tracking does not make: `SWAPDB` (announced as "flush everything"
+//! by the instance that ran it; a `SWAPDB` sent straight to Redis is not seen). Every way the link can fail takes the cache down (flushed and
 //! bypassed) until a new link is established, which starts from an empty cache.
 //!
 //! The heartbeat is a probe through the invalidation path itself: in tracking mode the link
@@ -153,7 +155,7 @@ async fn session_inner(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Byte
     };
     let channel = Bytes::from(cfg.pubsub_channel.clone());
     let mut announcements = None;
-    if mode == CoherenceMode::Pubsub {
+    {
         link.send(&[b"SUBSCRIBE", &channel]).await?;
         loop {
             let f = link.frame().await?;
@@ -274,10 +276,12 @@ fn handle_push(cache: &NearCache, mode: CoherenceMode, probe: &Bytes, probe_mess
             }
             _ => false,
         },
-        (CoherenceMode::Pubsub, Some(b"message")) => {
+        // Both modes: tracking mode gets "flush everything" (`SWAPDB`) here, and applying the
+        // keys an instance in pub/sub mode announces costs nothing but a lookup.
+        (_, Some(b"message")) => {
             let Some(payload) = items.get(2).and_then(Value::as_bytes) else { return false };
             if payload == probe_message {
-                return true;
+                return mode == CoherenceMode::Pubsub;
             }
             if let Some(key) = payload.strip_prefix(b"k:") {
                 cache.invalidate(key, Source::Pubsub);

@@ -600,7 +600,8 @@ impl Drop for WriteGuard {
             cache.flush();
             cache.writing_all.fetch_sub(1, Ordering::AcqRel);
             cache.announce(Announce::All);
-        } else if !self.keys.is_empty() {
+        } else if !self.keys.is_empty() && cache.mode() == Some(CoherenceMode::Pubsub) {
+            // Redis's tracking invalidates written keys itself.
             cache.announce(Announce::Keys(std::mem::take(&mut self.keys)));
         }
     }
