@@ -204,6 +204,25 @@ async fn swapdb_through_another_instance_is_seen_in_tracking_mode() {
     assert_eq!(cb.cmd(&["GET", "master:sw"]).await, bulk("db3"), "and on the instance that ran it");
 }
 
+/// An ACL user without channel permissions (Redis 7's default for new users) still gets
+/// tracking-mode coherence; only the `SWAPDB` announcement is lost.
+#[tokio::test]
+async fn tracking_works_for_a_user_that_may_not_subscribe() {
+    let redis = RedisServer::start();
+    let mut admin = Client::connect(&redis.addr()).await;
+    admin.cmd(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "resetchannels", "+@all"]).await;
+    let mut cfg = test_config(&format!("redis://app:pw@127.0.0.1:{}", redis.port));
+    cached(&mut cfg, "master:");
+    let p = Proxy::start_config(cfg).await;
+    wait_coherent(&p).await;
+    let mut c = p.client().await;
+    assert_eq!(stats(&mut c).await["coherence"], "tracking");
+    admin.cmd(&["SET", "master:a", "1"]).await;
+    assert_eq!(c.cmd(&["GET", "master:a"]).await, bulk("1"));
+    admin.cmd(&["SET", "master:a", "2"]).await;
+    converges(&mut c, "master:a", &bulk("2"), "a direct write").await;
+}
+
 #[tokio::test]
 async fn read_your_writes_over_1000_pipelined_pairs() {
     let redis = RedisServer::start();

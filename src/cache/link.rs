@@ -154,21 +154,31 @@ async fn session_inner(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Byte
         _ => CoherenceMode::Pubsub,
     };
     let channel = Bytes::from(cfg.pubsub_channel.clone());
-    let mut announcements = None;
-    {
-        link.send(&[b"SUBSCRIBE", &channel]).await?;
-        loop {
-            let f = link.frame().await?;
-            if crate::protocol::reply::is_error(&f) {
-                return Err(format!("invalidation link: SUBSCRIBE refused: {}", text(&f)));
-            }
-            if f.first() == Some(&b'>') {
-                break;
-            }
+    // Both modes subscribe (see the module header); tracking mode can do without it.
+    link.send(&[b"SUBSCRIBE", &channel]).await?;
+    let refused = loop {
+        let f = link.frame().await?;
+        if crate::protocol::reply::is_error(&f) {
+            break Some(f);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        cache.set_announcer(Some(tx));
-        announcements = Some(rx);
+        if f.first() == Some(&b'>') {
+            break None;
+        }
+    };
+    let mut announcements = None;
+    match refused {
+        Some(f) if mode == CoherenceMode::Pubsub => {
+            return Err(format!("invalidation link: SUBSCRIBE refused: {}", text(&f)));
+        }
+        Some(f) => {
+            tracing::warn!(reply = %text(&f), "SUBSCRIBE to the announce channel refused; a SWAPDB through another instance will not be seen.");
+            cache.set_announcer(None);
+        }
+        None => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            cache.set_announcer(Some(tx));
+            announcements = Some(rx);
+        }
     }
     cache.set_up(mode, table);
     tracing::info!(
