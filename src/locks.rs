@@ -253,12 +253,15 @@ impl LockCommand {
                 let lease_ms = lease(&p[1], CMD, max_lease_ms)?;
                 let mut wait = Wait::No;
                 let mut keepalive = false;
+                let mut waits = false;
                 let mut i = 2;
+                // As in Redis's SET: a flag may repeat (`NX NX`), an option with a value may not.
                 while i < p.len() {
                     if p[i].eq_ignore_ascii_case(b"KEEPALIVE") {
                         keepalive = true;
                         i += 1;
-                    } else if p[i].eq_ignore_ascii_case(b"WAIT") && i + 1 < p.len() {
+                    } else if p[i].eq_ignore_ascii_case(b"WAIT") && i + 1 < p.len() && !waits {
+                        waits = true;
                         wait = match int(&p[i + 1])? {
                             t if t < 0 => return Err(err("ERR timeout is negative")),
                             0 => Wait::Forever,

@@ -115,6 +115,7 @@ async fn lock_commands_check_arguments_in_redis_words_and_never_reach_redis() {
         (&["LOCK.ACQUIRE", "a", "100", "WAIT"], "-ERR syntax error\r\n"),
         (&["LOCK.ACQUIRE", "a", "100", "WAIT", "-1"], "-ERR timeout is negative\r\n"),
         (&["LOCK.ACQUIRE", "a", "100", "NOW"], "-ERR syntax error\r\n"),
+        (&["LOCK.ACQUIRE", "a", "100", "WAIT", "5", "WAIT", "6"], "-ERR syntax error\r\n"),
         (&["LOCK.RELEASE", "a"], "-ERR wrong number of arguments for 'lock.release' command\r\n"),
         (&["LOCK.EXTEND", "a", "t"], "-ERR wrong number of arguments for 'lock.extend' command\r\n"),
         (&["LOCK.EXTEND", "a", "t", "0"], "-ERR invalid lease in 'lock.extend' command: it must be at least 1 ms\r\n"),
@@ -129,7 +130,7 @@ async fn lock_commands_check_arguments_in_redis_words_and_never_reach_redis() {
         assert_eq!(c.cmd(args).await, b(expected), "{args:?}");
     }
     // The connection stays usable, and valid commands are answered by sidecache.
-    assert!(acquired(&c.cmd(&["LOCK.ACQUIRE", "a", "60000"]).await).is_some());
+    assert!(acquired(&c.cmd(&["LOCK.ACQUIRE", "a", "60000", "KEEPALIVE", "KEEPALIVE"]).await).is_some());
     assert_eq!(c.cmd(&["SERIAL.NEXT", "s"]).await, b(":1\r\n"));
     assert_eq!(c.cmd(&["MULTI"]).await, b("+OK\r\n"));
     assert_eq!(c.cmd(&["LOCK.INFO", "a"]).await, b("-ERR 'lock.info' cannot be used inside MULTI\r\n"));
