@@ -839,6 +839,8 @@ impl Reader {
                 self.local(encode::simple("OK"), meta).await?;
                 return Ok(false);
             }
+            // Malformed: Redis's own arity error, and nothing changes.
+            Kind::Reset | Kind::Multi if cmd.args.len() != 1 => self.forward(&cmd, meta, pinned_mode).await?,
             Kind::Reset => {
                 self.barrier().await?;
                 self.drop_pinned().await?;
@@ -1304,11 +1306,11 @@ impl Reader {
     /// Moves the session to the pool for `key`, answering with Redis's own error when the
     /// pool's handshake fails, else forwarding `args` there for Redis's own reply.
     ///
-    /// When `args` carry credentials (`AUTH`, `HELLO … AUTH`), Redis judges them on every use:
-    /// an existing pool shows only that they were right when it was made, and a password may
-    /// have been reset or the user disabled since. The session waits for that reply and keeps
-    /// its previous state when it is an error, as a Redis connection keeps its user.
-    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], checks_creds: bool, meta: Meta) -> Result<bool, Stop> {
+    /// Redis judges the command on every use: an existing pool shows only that its credentials
+    /// and database were accepted when it was made, and since then a password may have been
+    /// reset, a user disabled, or `SELECT` or `HELLO` denied to the user. The session waits for
+    /// the reply and keeps its previous state when it is an error, as a Redis connection does.
+    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<bool, Stop> {
         self.flush().await?;
         if let Err(e) = self.ctx.upstream.pool(&key).await {
             self.local(e.to_reply(), meta).await?;
@@ -1321,10 +1323,6 @@ impl Reader {
         self.state.creds = key.creds;
         self.state.db = key.db;
         self.state.proto = key.proto;
-        if !checks_creds {
-            self.send_pooled(args, meta).await?;
-            return Ok(true);
-        }
         let (reply, charged) = match self.queue_pooled(args).await? {
             Ok(rx) => {
                 self.flush().await?;
@@ -1350,7 +1348,7 @@ impl Reader {
         };
         let mut key = self.state.key();
         key.db = db;
-        self.move_to(key, &cmd.args, false, meta).await?;
+        self.move_to(key, &cmd.args, meta).await?;
         Ok(())
     }
 
@@ -1362,7 +1360,7 @@ impl Reader {
         };
         let mut key = self.state.key();
         key.creds = Some(creds);
-        self.move_to(key, &cmd.args, true, meta).await?;
+        self.move_to(key, &cmd.args, meta).await?;
         Ok(())
     }
 
@@ -1384,14 +1382,13 @@ impl Reader {
         // Forwarded without SETNAME (the name is the session's, not the shared connection's),
         // with AUTH so that Redis checks the credentials.
         let mut forwarded = vec![Bytes::from_static(b"HELLO"), Bytes::from(key.proto.version().to_string())];
-        let checks_creds = hello.creds.is_some();
         if let Some(creds) = hello.creds {
             forwarded.push(Bytes::from_static(b"AUTH"));
             forwarded.extend(creds.user.clone());
             forwarded.push(creds.pass.clone());
             key.creds = Some(creds);
         }
-        if self.move_to(key, &forwarded, checks_creds, meta).await?
+        if self.move_to(key, &forwarded, meta).await?
             && let Some(name) = hello.name
         {
             self.state.name = if name.is_empty() { None } else { Some(name) };
@@ -1401,7 +1398,9 @@ impl Reader {
 
     async fn client_setname(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
         if cmd.args.len() != 3 {
-            return self.send_pooled(&cmd.args, meta).await;
+            // Redis's arity error, where the session's commands go (inside `MULTI` it aborts
+            // the transaction).
+            return self.forward(cmd, meta, pinned_mode).await;
         }
         let name = owned(&cmd.args[2]);
         if let Err(e) = check_client_name(&name) {

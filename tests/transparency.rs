@@ -563,3 +563,58 @@ async fn redis_cli_sees_the_same_output_in_resp2_and_resp3() {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "OK\nhello world\n");
 }
+
+/// Malformed `RESET`, `MULTI` and `CLIENT SETNAME` get Redis's arity errors and change nothing
+/// (inside `MULTI` they abort the transaction, as on Redis); a `SELECT` Redis refuses leaves the
+/// client in its database even when a pool for the other one exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_state_commands_change_nothing_as_on_redis() {
+    let acl = ["--user", "alice", "on", ">pw", "~*", "&*", "+@all"];
+    let plain = RedisServer::start_with(&acl);
+    let redis = RedisServer::start_with(&acl);
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&plain.addr()).await;
+    let mut via = proxy.client().await;
+    let mut both = async |script: &[&[&str]]| {
+        for cmd in script {
+            let want = direct.cmd(cmd).await;
+            let got = via.cmd(cmd).await;
+            assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+        }
+    };
+    both(&[
+        &["SELECT", "2"],
+        &["RESET", "x"],
+        &["SET", "r", "1"],
+        &["SELECT", "2"],
+        &["GET", "r"],
+        &["SELECT", "0"],
+        &["MULTI", "x"],
+        &["SET", "m", "1"],
+        &["GET", "m"],
+        &["MULTI"],
+        &["SET", "a", "1"],
+        &["CLIENT", "SETNAME"],
+        &["EXEC"],
+        &["GET", "a"],
+        &["MULTI"],
+        &["CLIENT", "SETNAME", "a", "b"],
+        &["EXEC"],
+        &["CLIENT", "SETNAME"],
+        &["GET", "a"],
+        // A pool for (alice, db 3) exists once alice has been there.
+        &["AUTH", "alice", "pw"],
+        &["SELECT", "3"],
+        &["SELECT", "0"],
+    ])
+    .await;
+    for r in [&plain, &redis] {
+        let mut admin = Client::connect(&r.addr()).await;
+        assert_eq!(admin.cmd(&["ACL", "SETUSER", "alice", "-select"]).await, b("+OK\r\n"));
+    }
+    both(&[&["SELECT", "3"], &["SET", "s3", "x"], &["GET", "s3"]]).await;
+    for r in [&plain, &redis] {
+        let mut admin = Client::connect(&r.addr()).await;
+        assert_eq!(admin.cmd(&["EXISTS", "s3"]).await, b(":1\r\n"), "the key is in db 0");
+    }
+}
