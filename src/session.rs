@@ -291,6 +291,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
         pinned_out: BytesMut::new(),
         target: Target::Nowhere,
         sent_since_barrier: false,
+        pinned_unconfirmed: false,
         pool: None,
         pending_guard: None,
         multi_guard: None,
@@ -338,6 +339,9 @@ struct Reader {
     pinned_out: BytesMut,
     target: Target,
     sent_since_barrier: bool,
+    /// The last command sent on the dedicated connection gets no reply (`CLIENT REPLY
+    /// OFF|SKIP`): no reply there says when Redis has run it.
+    pinned_unconfirmed: bool,
     /// The session's pool connection for its current key.
     pool: Option<(PoolKey, MuxHandle)>,
     /// Keys written by the next command sent on the dedicated connection.
@@ -579,10 +583,37 @@ impl Reader {
     /// Makes `to` the connection for the next commands; waits for the other's replies first.
     async fn switch(&mut self, to: Target) -> Result<(), Stop> {
         if self.target != to {
+            self.confirm_pinned().await?;
             self.barrier().await?;
         }
         self.target = to;
         Ok(())
+    }
+
+    /// When the last commands on the dedicated connection get no reply (`CLIENT REPLY
+    /// OFF|SKIP`), sends one whose reply is awaited and not shown, so that a barrier after it
+    /// waits until Redis has run them: a command sent elsewhere next must not overtake them.
+    /// `CLIENT REPLY ON` is answered whatever the mode; callers leave the connection or are in
+    /// mode ON already.
+    async fn confirm_pinned(&mut self) -> Result<(), Stop> {
+        if !self.pinned_unconfirmed || self.pinned.is_none() {
+            return Ok(());
+        }
+        self.pinned_unconfirmed = false;
+        let sync: &[&[u8]] = &[b"CLIENT", b"REPLY", b"ON"];
+        encode::command(&mut self.pinned_out, sync);
+        self.sent_since_barrier = true;
+        let slot = Slot::Pinned {
+            count: 1,
+            skip: 1,
+            tail: 0,
+            strip: Vec::new(),
+            meta: None,
+            report: None,
+            monitor: false,
+            guard: None,
+        };
+        self.push(slot).await
     }
 
     /// Queues a command on the session's multiplexed connection.
@@ -785,6 +816,7 @@ impl Reader {
         // client's command).
         let tail = if self.state.reply_mode == ReplyMode::Off || self.state.monitor { 0 } else { extra.tail.len() };
         let count = hidden.len() + replies + tail;
+        self.pinned_unconfirmed = count == 0;
         let monitor = self.state.monitor;
         let guard = self.pending_guard.take();
         let slot = Slot::Pinned {
@@ -816,6 +848,7 @@ impl Reader {
     /// Closes the dedicated connection (its state no longer matches the session's, or the
     /// session was reset). Callers have waited for its replies.
     async fn drop_pinned(&mut self) -> Result<(), Stop> {
+        self.pinned_unconfirmed = false;
         if self.pinned.is_some() {
             self.push(Slot::Detach).await?;
             self.pinned = None;
@@ -842,6 +875,7 @@ impl Reader {
             // Malformed: Redis's own arity error, and nothing changes.
             Kind::Reset | Kind::Multi if cmd.args.len() != 1 => self.forward(&cmd, meta, pinned_mode).await?,
             Kind::Reset => {
+                self.confirm_pinned().await?;
                 self.barrier().await?;
                 self.drop_pinned().await?;
                 self.target = Target::Nowhere;

@@ -618,3 +618,36 @@ async fn refused_state_commands_change_nothing_as_on_redis() {
         assert_eq!(admin.cmd(&["EXISTS", "s3"]).await, b(":1\r\n"), "the key is in db 0");
     }
 }
+
+/// Commands whose replies `CLIENT REPLY SKIP|OFF` suppress run on the dedicated connection;
+/// the commands after them go back to the shared one and must not overtake them. Pipelined in
+/// one write, as a client sends them; repeated, since an overtaking write wins a race only now
+/// and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_after_suppressed_replies_never_overtake_them() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let pipeline = |cmds: &[&[&str]]| {
+        let mut out = Vec::new();
+        for c in cmds {
+            let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+            out.extend(encode(&args));
+        }
+        out
+    };
+    for round in 0..100 {
+        let mut c = proxy.client().await;
+        let (a, b2, r) = (format!("skip:a:{round}"), format!("skip:b:{round}"), format!("off:r:{round}"));
+        c.send_raw(&pipeline(&[&["CLIENT", "REPLY", "SKIP"], &["SET", &a, "1"], &["SET", &a, "2"]])).await;
+        assert_eq!(c.read().await, b("+OK\r\n"), "round {round}: the second SET's reply");
+        assert_eq!(direct.cmd(&["GET", &a]).await, b("$1\r\n2\r\n"), "round {round}: the later SET wins");
+        c.send_raw(&pipeline(&[&["CLIENT", "REPLY", "SKIP"], &["SET", &b2, "1"], &["GET", &b2]])).await;
+        assert_eq!(c.read().await, b("$1\r\n1\r\n"), "round {round}: GET reads the skipped SET's value");
+        c.send_raw(&pipeline(&[&["CLIENT", "REPLY", "OFF"], &["SET", &r, "1"], &["RESET"], &["SET", &r, "2"]])).await;
+        assert_eq!(c.read().await, b("+RESET\r\n"));
+        assert_eq!(c.read().await, b("+OK\r\n"));
+        assert_eq!(direct.cmd(&["GET", &r]).await, b("$1\r\n2\r\n"), "round {round}: the SET after RESET wins");
+        assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"), "round {round}: the connection stays in step");
+    }
+}
