@@ -82,8 +82,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local prev = redis.pcall('GET', KEYS[2])
 if type(prev) == 'table' then return prev end
+prev = prev or '0'
 local repaired = 0
-if int(prev or '0') and below(prev or '0', ARGV[3]) then
+if int(prev) and below(prev, ARGV[3]) then
   redis.call('SET', KEYS[2], ARGV[3])
   repaired = 1
 end
@@ -133,8 +134,9 @@ const SERIAL: &str = concat!(
     r#"
 local prev = redis.pcall('GET', KEYS[1])
 if type(prev) == 'table' then return prev end
+prev = prev or '0'
 local repaired = 0
-if int(prev or '0') and below(prev or '0', ARGV[2]) then
+if int(prev) and below(prev, ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   repaired = 1
 end

@@ -22,8 +22,8 @@
 //!   until every reply from the previous one is in: a session's commands reach Redis in order.
 //!
 //! `SELECT`, `AUTH` and `HELLO` move the session to another pool; the pool's handshake checks
-//! them first, so errors are Redis's own. Credentials are sent to Redis on every use and adopted
-//! only when it accepts them, even when a pool for them exists.
+//! them first, so errors are Redis's own. Each is also sent to Redis on every use, and the
+//! session adopts the new state only when Redis accepts it, even when the pool exists.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -208,6 +208,12 @@ impl State {
 
     fn key(&self) -> PoolKey {
         PoolKey { creds: self.creds.clone(), db: self.db, proto: self.proto }
+    }
+
+    fn set_key(&mut self, key: PoolKey) {
+        self.creds = key.creds;
+        self.db = key.db;
+        self.proto = key.proto;
     }
 
     /// `self.key() == *key`, without building the key.
@@ -1354,9 +1360,7 @@ impl Reader {
         self.barrier().await?;
         self.drop_pinned().await?;
         let before = self.state.key();
-        self.state.creds = key.creds;
-        self.state.db = key.db;
-        self.state.proto = key.proto;
+        self.state.set_key(key);
         let (reply, charged) = match self.queue_pooled(args).await? {
             Ok(rx) => {
                 self.flush().await?;
@@ -1366,9 +1370,7 @@ impl Reader {
         };
         let accepted = !reply::is_error(&reply);
         if !accepted {
-            self.state.creds = before.creds;
-            self.state.db = before.db;
-            self.state.proto = before.proto;
+            self.state.set_key(before);
         }
         self.later(Box::pin(std::future::ready((reply, charged))), meta).await?;
         Ok(accepted)

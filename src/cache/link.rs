@@ -6,8 +6,9 @@
 //! invalidation channel and publishes this instance's writes on it), the heartbeat, and
 //! reconnecting with backoff. In tracking mode the link subscribes to the channel too, for the
 //! one announcement Redis's tracking does not make: `SWAPDB` (announced as "flush everything"
-//! by the instance that ran it; a `SWAPDB` sent straight to Redis is not seen). Every way the link can fail takes the cache down (flushed and
-//! bypassed) until a new link is established, which starts from an empty cache.
+//! by the instance that ran it; a `SWAPDB` sent straight to Redis is not seen). Every way the
+//! link can fail takes the cache down (flushed and bypassed) until a new link is established,
+//! which starts from an empty cache.
 //!
 //! The heartbeat is a probe through the invalidation path itself: in tracking mode the link
 //! writes a key under its own tracked prefix and expects the invalidation back; in pub/sub mode

@@ -3,9 +3,9 @@
 //!
 //! Owns: `Upstream`, the registry of pools keyed by (credentials, database, protocol), each
 //! pool's fixed number of slots with reconnect backoff and jitter, the sweep that closes pools
-//! no session uses any more, and `ReplyBudget`, the
-//! per-session count of reply bytes that arrived but are not yet written to the client. Does
-//! not own: what sessions send (see `session`).
+//! no session uses any more, and `ReplyBudget`, the per-session count of reply bytes that
+//! arrived but are not yet written to the client. Does not own: what sessions send (see
+//! `session`).
 //!
 //! A pool is created only after a connection with its credentials and database has completed
 //! the handshake, so a wrong password or an out-of-range database is answered with Redis's own
