@@ -196,6 +196,7 @@ impl Server {
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), metrics_handle, background.clone()));
         tokio::spawn(ctx.upstream.clone().health_loop(Duration::from_secs(1), background.clone()));
         tokio::spawn(ctx.upstream.clone().sweep_loop(crate::upstream::POOL_SWEEP, background.clone()));
+        tokio::spawn(ctx.upstream.clone().recheck_loop(crate::upstream::POOL_RECHECK, background.clone()));
         if let Some(cache) = &ctx.cache {
             tokio::spawn(crate::cache::link::run(cache.clone(), ctx.upstream.clone(), background.clone()));
         }

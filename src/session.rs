@@ -135,6 +135,8 @@ enum Slot {
         report: Option<oneshot::Sender<Bytes>>,
         monitor: bool,
         guard: Option<WriteGuard>,
+        /// A (un)subscribe command: see `PubSubCmd`.
+        pubsub: Option<PubSubCmd>,
     },
     /// From now on, frames of this dedicated connection arrive here.
     Attach(mpsc::Receiver<PinnedFrame>),
@@ -144,6 +146,18 @@ enum Slot {
     Barrier(oneshot::Sender<()>),
     /// Write everything before this, then close the connection.
     Close,
+}
+
+/// How the writer counts the replies of a pub/sub (un)subscribe command: Redis answers one
+/// frame per channel, or one error for the whole command (an ACL refusal); an unsubscribe from
+/// everything gets one frame per subscription Redis holds, which only the writer knows (from
+/// Redis's confirmations: a refused subscription is not one).
+#[derive(Debug, Clone, Copy)]
+enum PubSubCmd {
+    /// An (un)subscribe of `kind`; `all`: from every subscription of that kind.
+    Subscription { kind: SubKind, all: bool },
+    /// An `EXEC` whose transaction (un)subscribed: its reply holds the confirmations.
+    Exec,
 }
 
 /// A reply computed by a feature module: resolves to the reply bytes and the number of bytes
@@ -171,6 +185,8 @@ struct State {
     multi_len: usize,
     /// Positions of sidecache's own queued commands (TTL policy), removed from `EXEC`'s reply.
     multi_hidden: Vec<usize>,
+    /// A pub/sub (un)subscribe is queued in the transaction.
+    multi_pubsub: bool,
     /// A `SELECT` queued in the transaction: the database the commands queued after it run in,
     /// and the position of its reply in `EXEC`'s (which says whether it took effect).
     multi_db: Option<(u32, usize)>,
@@ -195,6 +211,7 @@ impl State {
             multi_dirty: false,
             multi_len: 0,
             multi_hidden: Vec::new(),
+            multi_pubsub: false,
             multi_db: None,
             watching: false,
             sticky: false,
@@ -532,10 +549,7 @@ impl Reader {
     async fn local(&mut self, reply: Bytes, meta: Meta) -> Result<(), Stop> {
         match self.state.reply_mode {
             ReplyMode::Off => return Ok(()),
-            ReplyMode::SkipNext => {
-                self.state.reply_mode = ReplyMode::On;
-                return Ok(());
-            }
+            ReplyMode::SkipNext => return self.skip_taken_here().await,
             ReplyMode::On => {}
         }
         if self.state.in_multi && reply::is_error(&reply) {
@@ -618,8 +632,22 @@ impl Reader {
             report: None,
             monitor: false,
             guard: None,
+            pubsub: None,
         };
         self.push(slot).await
+    }
+
+    /// A command that never reached Redis took the reply `CLIENT REPLY SKIP` suppresses. Redis
+    /// would still skip the next reply on the dedicated connection, so a hidden `CLIENT REPLY
+    /// ON` there takes the skip instead (Redis answers it in every mode).
+    async fn skip_taken_here(&mut self) -> Result<(), Stop> {
+        self.state.reply_mode = ReplyMode::On;
+        if self.pinned.is_none() {
+            return Ok(());
+        }
+        self.switch(Target::Pinned).await?;
+        self.pinned_unconfirmed = true;
+        self.confirm_pinned().await
     }
 
     /// Queues a command on the session's multiplexed connection.
@@ -802,8 +830,12 @@ impl Reader {
     ) -> Result<bool, Stop> {
         self.switch(Target::Pinned).await?;
         if let Err(e) = self.ensure_pinned().await {
+            // The connection state the client has, or asks for with `MULTI`/`WATCH`, cannot
+            // exist: close after the error, as when that connection is lost, rather than run
+            // the commands that follow outside their transaction or context.
+            let stateful = self.state.needs_pin() || opens_state(args);
             self.local(e.to_reply(), meta).await?;
-            return Ok(false);
+            return if stateful { Err(Stop::Drain) } else { Ok(false) };
         }
         for h in hidden {
             encode::command(&mut self.pinned_out, h);
@@ -834,6 +866,7 @@ impl Reader {
             report,
             monitor,
             guard,
+            pubsub: extra.pubsub,
         };
         self.push(slot).await?;
         Ok(true)
@@ -898,6 +931,7 @@ impl Reader {
             Kind::Exec | Kind::Discard if self.state.in_multi => {
                 self.pending_guard = self.multi_guard.take();
                 let selected = self.state.multi_db.take();
+                let pubsub = std::mem::take(&mut self.state.multi_pubsub).then_some(PubSubCmd::Exec);
                 let dirty = self.state.multi_dirty && cmd.kind == Kind::Exec;
                 self.state.in_multi = false;
                 self.state.multi_dirty = false;
@@ -912,7 +946,7 @@ impl Reader {
                 } else {
                     let replies = self.expected_replies(1);
                     let strip = if cmd.kind == Kind::Exec { strip } else { Vec::new() };
-                    let extra = PinnedExtra { strip, ..Default::default() };
+                    let extra = PinnedExtra { strip, pubsub, ..Default::default() };
                     // A queued SELECT changed the connection's database if its element of
                     // EXEC's reply is not an error: wait for the reply to know.
                     let selected = selected.filter(|_| cmd.kind == Kind::Exec && replies == 1);
@@ -945,19 +979,30 @@ impl Reader {
                 }
                 self.state.watching = false;
             }
-            Kind::Subscribe(kind) if cmd.args.len() > 1 && !self.state.in_multi => {
+            // Inside a transaction: the connection's subscriptions are Redis's from now on.
+            Kind::Subscribe(_) | Kind::Unsubscribe(_) if self.state.in_multi => {
+                self.state.sticky = true;
+                self.state.multi_pubsub = true;
+                self.forward(&cmd, meta, true).await?
+            }
+            Kind::Subscribe(kind) if cmd.args.len() > 1 => {
                 let replies = self.expected_replies(cmd.args.len() - 1);
-                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
+                let pubsub = Some(PubSubCmd::Subscription { kind, all: false });
+                let extra = PinnedExtra { pubsub, ..Default::default() };
+                // Recorded even if Redis refuses it: the session then merely stays on its
+                // dedicated connection until it unsubscribes.
+                if self.send_pinned_ext(&[], &cmd.args, replies, meta, None, extra).await? {
                     let subs = self.state.subs(kind);
                     subs.extend(cmd.params().iter().cloned());
                 }
             }
             Kind::Unsubscribe(kind) if !self.state.in_multi => {
                 let named = cmd.args.len() - 1;
-                let subs = self.state.subs(kind);
-                let n = if named > 0 { named } else { subs.len().max(1) };
-                let replies = self.expected_replies(n);
-                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
+                // For an unsubscribe from everything the writer counts Redis's replies.
+                let replies = self.expected_replies(named.max(1));
+                let pubsub = Some(PubSubCmd::Subscription { kind, all: named == 0 });
+                let extra = PinnedExtra { pubsub, ..Default::default() };
+                if self.send_pinned_ext(&[], &cmd.args, replies, meta, None, extra).await? {
                     let subs = self.state.subs(kind);
                     if named == 0 {
                         subs.clear();
@@ -1000,7 +1045,9 @@ impl Reader {
             Kind::Hello => self.hello(&cmd, meta).await?,
             Kind::ClientSetName => self.client_setname(&cmd, meta, pinned_mode).await?,
             Kind::Own => self.own(&cmd, meta, pinned_mode).await?,
-            Kind::ClientGetName if cmd.args.len() == 2 => {
+            // On a dedicated connection Redis knows the name (and answers as it would there:
+            // queued inside `MULTI`, refused in RESP2 subscribed mode).
+            Kind::ClientGetName if cmd.args.len() == 2 && !pinned_mode => {
                 let reply = match &self.state.name {
                     Some(name) => encode::bulk(name),
                     None => encode::null(self.state.proto),
@@ -1282,7 +1329,7 @@ impl Reader {
             mode => {
                 // It runs, but its reply is not shown (CLIENT REPLY OFF|SKIP).
                 if mode == ReplyMode::SkipNext {
-                    self.state.reply_mode = ReplyMode::On;
+                    self.skip_taken_here().await?;
                 }
                 Box::pin(async move {
                     reply.await;
@@ -1445,6 +1492,20 @@ impl Reader {
         if pinned_mode {
             self.state_change_pinned(cmd, meta).await
         } else {
+            // Redis judges whether the user may name its connection: the shared connection,
+            // which has no name, runs `CLIENT SETNAME ""` (a no-op there) for its verdict.
+            let check = [cmd.args[0].clone(), cmd.args[1].clone(), Bytes::new()];
+            let verdict = match self.queue_pooled(&check).await? {
+                Ok(rx) => {
+                    self.flush().await?;
+                    charged_reply(rx.await)
+                }
+                Err(e) => (e.to_reply(), 0),
+            };
+            if reply::is_error(&verdict.0) {
+                return self.later(Box::pin(std::future::ready(verdict)), meta).await;
+            }
+            self.budget.release(verdict.1);
             self.state.name = if name.is_empty() { None } else { Some(name) };
             // An idle dedicated connection now has a stale name: reopen it when needed. Without
             // one there is nothing to wait for, so a pipeline is not stalled.
@@ -1526,6 +1587,13 @@ struct PinnedExtra {
     tail: Vec<Vec<Bytes>>,
     /// Elements of this `EXEC`'s reply that answer sidecache's own queued commands.
     strip: Vec<usize>,
+    /// The command is a pub/sub (un)subscribe.
+    pubsub: Option<PubSubCmd>,
+}
+
+/// `MULTI` and `WATCH`: the commands after them rely on state kept on the connection.
+fn opens_state(args: &[Bytes]) -> bool {
+    not_queued(args)
 }
 
 /// Commands Redis runs at once inside `MULTI` instead of queuing them.
@@ -1582,10 +1650,53 @@ struct PubSubView {
     subscriptions: i64,
     /// Shard channels, from the last s(un)subscribe confirmation.
     shard_subscriptions: i64,
+    /// The names of the subscriptions, as Redis confirmed them.
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shards: HashSet<Bytes>,
     monitor: bool,
 }
 
 impl PubSubView {
+    /// Subscriptions of `kind` Redis holds for this connection.
+    fn subscribed(&self, kind: SubKind) -> usize {
+        match kind {
+            SubKind::Channel => self.channels.len(),
+            SubKind::Pattern => self.patterns.len(),
+            SubKind::Shard => self.shards.len(),
+        }
+    }
+
+    /// Follows the confirmations among the elements of an `EXEC` reply.
+    fn exec_reply(&mut self, frame: &[u8]) {
+        for element in reply::elements(frame) {
+            self.unsolicited(element);
+        }
+    }
+
+    /// Follows one (un)subscribe confirmation (`kind` is its lowercase first element).
+    fn confirmed(&mut self, kind: &[u8], name: Option<&[u8]>, count: Option<i64>) {
+        let (set, shard) = match kind {
+            b"subscribe" | b"unsubscribe" => (&mut self.channels, false),
+            b"psubscribe" | b"punsubscribe" => (&mut self.patterns, false),
+            _ => (&mut self.shards, true),
+        };
+        if let Some(name) = name {
+            if kind.ends_with(b"unsubscribe") {
+                set.remove(name);
+            } else if !set.contains(name) {
+                set.insert(Bytes::copy_from_slice(name));
+            }
+        }
+        if let Some(n) = count {
+            if shard {
+                self.shard_subscriptions = n;
+            } else {
+                self.subscriptions = n;
+            }
+        }
+    }
+
     /// True for frames that are not replies to a command: messages, other pushes, monitor lines.
     fn unsolicited(&mut self, frame: &[u8]) -> bool {
         if self.monitor {
@@ -1598,14 +1709,8 @@ impl PubSubView {
             first,
             Some(b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" | b"ssubscribe" | b"sunsubscribe")
         );
-        if confirmation {
-            if let Some(n) = head.third_int {
-                if first.is_some_and(|f| f.starts_with(b"s")) {
-                    self.shard_subscriptions = n;
-                } else {
-                    self.subscriptions = n;
-                }
-            }
+        if let (true, Some(kind)) = (confirmation, first) {
+            self.confirmed(kind, head.second, head.third_int);
             return false;
         }
         if head.push {
@@ -1911,7 +2016,13 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(Some(meta));
                 }
-                Slot::Pinned { count, skip, tail, strip, meta, mut report, monitor, guard } => {
+                Slot::Pinned { count, skip, tail, strip, meta, mut report, monitor, guard, pubsub } => {
+                    let count = match pubsub {
+                        Some(PubSubCmd::Subscription { kind, all: true }) if count > 0 => {
+                            self.view.subscribed(kind).max(1)
+                        }
+                        _ => count,
+                    };
                     let mut seen = 0;
                     while seen < count {
                         let frame = match self.pinned.as_mut().map(|rx| rx.try_recv()) {
@@ -1943,6 +2054,12 @@ impl Writer {
                             let frame = if strip.is_empty() { frame } else { crate::ttl::strip_exec(&frame, &strip) };
                             if let Some(tx) = report.take() {
                                 let _ = tx.send(frame.clone());
+                            }
+                            match pubsub {
+                                // One error answers a whole (un)subscribe command.
+                                Some(PubSubCmd::Subscription { .. }) if reply::is_error(&frame) => seen = count - 1,
+                                Some(PubSubCmd::Exec) => self.view.exec_reply(&frame),
+                                _ => {}
                             }
                             self.out.extend_from_slice(&frame);
                         }

@@ -651,3 +651,163 @@ async fn commands_after_suppressed_replies_never_overtake_them() {
         assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"), "round {round}: the connection stays in step");
     }
 }
+
+/// Encodes several commands into one pipeline.
+fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in cmds {
+        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+        out.extend(encode(&args));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skip_taken_by_a_command_sidecache_answers_leaves_the_next_reply_shown() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.security.deny = vec!["DEBUG".into()]).await;
+    let mut c = proxy.client().await;
+    // WATCH keeps the client on its dedicated connection, where Redis holds the skip.
+    assert_eq!(c.cmd(&["WATCH", "skip:w"]).await, b("+OK\r\n"));
+    // Each of these is answered (or refused) by sidecache itself, so Redis never sees it.
+    let local: &[&[&str]] = &[
+        &["DEBUG", "SLEEP", "0"],
+        &["CLIENT", "SETNAME", "a b"],
+        &["LOCK.ACQUIRE", "skip:lock", "10000"],
+        &["LOCK.ACQUIRE", "skip:lock", "not-a-number"],
+    ];
+    for cmd in local {
+        c.send_raw(&pipeline(&[&["CLIENT", "REPLY", "SKIP"], cmd, &["PING"]])).await;
+        assert_eq!(c.read().await, b("+PONG\r\n"), "the reply after a skipped {cmd:?}");
+    }
+    // The lock was taken although its reply was skipped.
+    let info = c.cmd(&["LOCK.INFO", "skip:lock"]).await;
+    assert!(!info.starts_with(b"*-1") && !info.starts_with(b"_"), "lock held: {:?}", String::from_utf8_lossy(&info));
+    assert_eq!(c.cmd(&["SET", "skip:k", "v"]).await, b("+OK\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_is_one_error_and_subscribes_to_nothing() {
+    let redis = RedisServer::start_with(&["--user", "sub", "on", ">pw", "~*", "resetchannels", "&news", "+@all"]);
+    let proxy = Proxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["AUTH", "sub", "pw"],
+        &["SUBSCRIBE", "news"],
+        &["SUBSCRIBE", "secret"],
+        &["SUBSCRIBE", "secret", "other"],
+        &["PSUBSCRIBE", "n*"],
+        &["UNSUBSCRIBE"],
+        &["PING"],
+        &["SUBSCRIBE", "news", "secret"],
+        &["PUNSUBSCRIBE"],
+        &["UNSUBSCRIBE"],
+        &["GET", "missing"],
+    ];
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    for cmd in script {
+        let want = direct.cmd(cmd).await;
+        let got = via.cmd(cmd).await;
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_inside_a_transaction_subscribes_the_client_as_on_redis() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut via = proxy.client().await;
+    let before: &[&[&str]] = &[&["MULTI"], &["SUBSCRIBE", "txnews"], &["EXEC"], &["GET", "missing"]];
+    for cmd in before {
+        let want = direct.cmd(cmd).await;
+        let got = via.cmd(cmd).await;
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+    }
+    let mut publisher = Client::connect(&redis.addr()).await;
+    assert_eq!(publisher.cmd(&["PUBLISH", "txnews", "hi"]).await, b(":2\r\n"));
+    let message = direct.read().await;
+    assert_eq!(via.read().await, message, "the message");
+    for cmd in [&["UNSUBSCRIBE"][..], &["PING"], &["GET", "missing"]] {
+        let want = direct.cmd(cmd).await;
+        let got = via.cmd(cmd).await;
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_connection_cannot_open_runs_nothing_and_closes() {
+    let redis = RedisServer::start_with(&["--user", "alice", "on", ">old", "~*", "&*", "+@all"]);
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["AUTH", "alice", "old"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["SET", "tx:n", "0"]).await, b("+OK\r\n"));
+    let mut admin = Client::connect(&redis.addr()).await;
+    assert_eq!(admin.cmd(&["ACL", "SETUSER", "alice", "resetpass", ">new"]).await, b("+OK\r\n"));
+    // The client stays alice on its shared connection, but a dedicated one cannot be opened.
+    assert_eq!(c.cmd(&["GET", "tx:n"]).await, b("$1\r\n0\r\n"));
+    c.send_raw(&pipeline(&[&["MULTI"], &["INCR", "tx:n"], &["INCR", "tx:n"], &["EXEC"]])).await;
+    let refused = c.read().await;
+    assert!(refused.starts_with(b"-WRONGPASS"), "MULTI's reply: {:?}", String::from_utf8_lossy(&refused));
+    let rest = c.read_until_closed().await;
+    assert!(rest.is_empty(), "nothing after the error: {:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(admin.cmd(&["GET", "tx:n"]).await, b("$1\r\n0\r\n"), "no INCR ran outside the transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_names_are_judged_by_redis_and_queued_inside_multi() {
+    let redis = RedisServer::start_with(&["--user", "bob", "on", ">pw", "~*", "&*", "+@all", "-client|setname"]);
+    let proxy = Proxy::start(&redis).await;
+    let scripts: &[&[&[&str]]] = &[
+        &[
+            &["AUTH", "bob", "pw"],
+            &["CLIENT", "SETNAME", "foo"],
+            &["CLIENT", "GETNAME"],
+            &["MULTI"],
+            &["PING"],
+            &["EXEC"],
+        ],
+        &[
+            &["CLIENT", "SETNAME", "n1"],
+            &["MULTI"],
+            &["CLIENT", "GETNAME"],
+            &["CLIENT", "SETNAME", "n2"],
+            &["EXEC"],
+            &["CLIENT", "GETNAME"],
+            &["PING"],
+        ],
+    ];
+    for script in scripts {
+        let mut direct = Client::connect(&redis.addr()).await;
+        let mut via = proxy.client().await;
+        for cmd in *script {
+            let want = direct.cmd(cmd).await;
+            let got = via.cmd(cmd).await;
+            assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_set_later_is_asked_of_new_clients() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut early = proxy.client().await;
+    assert_eq!(early.cmd(&["SET", "pw:k", "v"]).await, b("+OK\r\n"));
+    let mut admin = Client::connect(&redis.addr()).await;
+    assert_eq!(admin.cmd(&["CONFIG", "SET", "requirepass", "sec"]).await, b("+OK\r\n"));
+    let want = Client::connect(&redis.addr()).await.cmd(&["GET", "pw:k"]).await;
+    assert!(want.starts_with(b"-NOAUTH"), "Redis asks for the password: {:?}", String::from_utf8_lossy(&want));
+    eventually("a new client through sidecache gets Redis's NOAUTH", || {
+        let proxy = &proxy;
+        let want = want.clone();
+        async move { proxy.client().await.cmd(&["GET", "pw:k"]).await == want }
+    })
+    .await;
+    let mut late = proxy.client().await;
+    assert_eq!(late.cmd(&["GET", "pw:k"]).await, want);
+    assert_eq!(late.cmd(&["AUTH", "sec"]).await, b("+OK\r\n"));
+    assert_eq!(late.cmd(&["GET", "pw:k"]).await, b("$1\r\nv\r\n"));
+    // The client that connected before keeps its access, as its Redis connection would.
+    assert_eq!(early.cmd(&["GET", "pw:k"]).await, b("$1\r\nv\r\n"));
+}

@@ -170,6 +170,8 @@ pub struct Head<'a> {
     pub len: u64,
     /// The first element when it is a bulk or simple string.
     pub first: Option<&'a [u8]>,
+    /// The second element when it is a bulk or simple string (a channel, in pub/sub).
+    pub second: Option<&'a [u8]>,
     /// The third element when the first two are strings (or null) and it is an integer.
     pub third_int: Option<i64>,
 }
@@ -194,7 +196,33 @@ pub fn head(frame: &[u8]) -> Option<Head<'_>> {
     } else {
         None
     };
-    Some(Head { push, len, first: strings.first().copied().flatten(), third_int })
+    Some(Head {
+        push,
+        len,
+        first: strings.first().copied().flatten(),
+        second: strings.get(1).copied().flatten(),
+        third_int,
+    })
+}
+
+/// The elements of a complete array or push reply, each as its bytes (none for other replies).
+pub fn elements(frame: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let Some((len_line, _)) = frame.get(1..).and_then(line).filter(|_| matches!(frame[0], b'*' | b'>')) else {
+        return out;
+    };
+    let Some(len) = crate::protocol::request::parse_i64(len_line) else { return out };
+    let mut pos = len_line.len() + 3;
+    for _ in 0..len.max(0) {
+        match ReplyScanner::new().scan(&frame[pos..], &ReplyLimits::default()) {
+            Ok(Some(n)) => {
+                out.push(&frame[pos..pos + n]);
+                pos += n;
+            }
+            _ => break,
+        }
+    }
+    out
 }
 
 fn line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -285,8 +313,20 @@ mod tests {
     fn head_reads_pubsub_shapes() {
         let h = head(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n").unwrap();
         assert_eq!((h.push, h.len, h.first, h.third_int), (false, 3, Some(&b"subscribe"[..]), Some(1)));
+        assert_eq!(h.second, Some(&b"ch"[..]));
+        let h = head(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n").unwrap();
+        assert_eq!((h.second, h.third_int), (None, Some(0)));
         let h = head(b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n").unwrap();
         assert_eq!((h.push, h.first, h.third_int), (true, Some(&b"message"[..]), None));
         assert!(head(b"+OK\r\n").is_none());
+    }
+
+    #[test]
+    fn elements_splits_an_aggregate() {
+        let exec = b"*2\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n+OK\r\n";
+        assert_eq!(elements(exec), vec![&b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"[..], &b"+OK\r\n"[..]]);
+        assert!(elements(b"+OK\r\n").is_empty());
+        assert!(elements(b"*-1\r\n").is_empty());
+        assert!(elements(b"*0\r\n").is_empty());
     }
 }

@@ -114,12 +114,22 @@ pub async fn open(ep: &Endpoint, hs: &Handshake) -> Result<(TcpStream, FrameRead
             encode::command(&mut out, &[&b"CLIENT"[..], b"SETNAME", name]);
             expected += 1;
         }
+        if expected == 0 {
+            // Nothing above would tell whether Redis lets a client without credentials in
+            // (`requirepass`, or a default user with a password): `PING` answers `-NOAUTH` then.
+            encode::command(&mut out, &[&b"PING"[..]]);
+            expected = 1;
+        }
         let mut reader = FrameReader::new(ep.limits);
-        if expected > 0 {
+        {
             stream.write_all(&out).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
             let mut first_error = None;
             for _ in 0..expected {
-                let frame = reader.next(&mut stream).await?;
+                let frame = reader.next(&mut stream).await.inspect_err(|e| {
+                    if let UpstreamError::Protocol(_) = e {
+                        crate::metrics::Metrics::get().protocol_error("upstream_reply");
+                    }
+                })?;
                 if reply::is_error(&frame) && first_error.is_none() {
                     first_error = Some(frame);
                 }

@@ -3,7 +3,8 @@
 //!
 //! Owns: `Upstream`, the registry of pools keyed by (credentials, database, protocol), each
 //! pool's fixed number of slots with reconnect backoff and jitter, the sweep that closes pools
-//! no session uses any more, and `ReplyBudget`, the per-session count of reply bytes that
+//! no session uses any more, the recheck that closes pools whose credentials Redis now refuses,
+//! and `ReplyBudget`, the per-session count of reply bytes that
 //! arrived but are not yet written to the client. Does not own: what sessions send (see
 //! `session`).
 //!
@@ -187,6 +188,9 @@ impl Pool {
 
 /// How often `sweep_loop` looks for unused pools.
 pub const POOL_SWEEP: Duration = Duration::from_secs(60);
+/// How often `recheck_loop` makes sure Redis still accepts each pool's credentials: the
+/// longest a client without the new password can still get in through an existing pool.
+pub const POOL_RECHECK: Duration = Duration::from_secs(2);
 /// Sweeps in a row that must find a pool unused before it is closed.
 pub const POOL_UNUSED_SWEEPS: u32 = 2;
 
@@ -330,6 +334,39 @@ impl Upstream {
                 _ = tokio::time::sleep(every) => {}
             }
             self.sweep();
+        }
+    }
+
+    /// Opens a connection with each pool's handshake, as a new client's connection would be,
+    /// and closes the pools whose handshake Redis now refuses; returns how many. Redis judges
+    /// credentials when a connection authenticates, so a pool made before a password was set or
+    /// changed, or a user disabled, would otherwise keep letting new clients in. Sessions that
+    /// hold a connection of a closed pool keep it, as Redis keeps authenticated connections.
+    pub async fn recheck(&self) -> usize {
+        let keys: Vec<PoolKey> = self.pools.iter().map(|p| p.key().clone()).collect();
+        let mut closed = 0;
+        for key in keys {
+            let hs = Handshake { creds: key.creds.clone(), db: key.db, proto: key.proto, name: None };
+            // A transport failure is the health check's concern; only Redis's refusal counts.
+            if let Err(UpstreamError::Rejected(reply)) = conn::open(&self.endpoint, &hs).await
+                && self.pools.remove(&key).is_some()
+            {
+                closed += 1;
+                let reply = String::from_utf8_lossy(&reply).trim_end().to_string();
+                tracing::warn!(db = key.db, %reply, "Redis refuses a pool's credentials now; closed the pool.");
+            }
+        }
+        closed
+    }
+
+    /// Runs `recheck` every `every` until `stop` fires.
+    pub async fn recheck_loop(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.recheck().await;
         }
     }
 
