@@ -833,7 +833,7 @@ impl Reader {
             // The connection state the client has, or asks for with `MULTI`/`WATCH`, cannot
             // exist: close after the error, as when that connection is lost, rather than run
             // the commands that follow outside their transaction or context.
-            let stateful = self.state.needs_pin() || opens_state(args);
+            let stateful = self.state.needs_pin() || not_queued(args);
             self.local(e.to_reply(), meta).await?;
             return if stateful { Err(Stop::Drain) } else { Ok(false) };
         }
@@ -1591,12 +1591,7 @@ struct PinnedExtra {
     pubsub: Option<PubSubCmd>,
 }
 
-/// `MULTI` and `WATCH`: the commands after them rely on state kept on the connection.
-fn opens_state(args: &[Bytes]) -> bool {
-    not_queued(args)
-}
-
-/// Commands Redis runs at once inside `MULTI` instead of queuing them.
+/// Commands Redis runs at once inside `MULTI` instead of queuing them (`MULTI`, `WATCH`).
 fn not_queued(args: &[Bytes]) -> bool {
     args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"MULTI") || n.eq_ignore_ascii_case(b"WATCH"))
 }
@@ -2072,8 +2067,15 @@ impl Writer {
                     self.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(meta);
                 }
-                Slot::Attach(rx) => self.pinned = Some(rx),
-                Slot::Detach => self.pinned = None,
+                // A new connection has no subscriptions.
+                Slot::Attach(rx) => {
+                    self.pinned = Some(rx);
+                    self.view = PubSubView::default();
+                }
+                Slot::Detach => {
+                    self.pinned = None;
+                    self.view = PubSubView::default();
+                }
                 Slot::Barrier(tx) => {
                     let _ = tx.send(());
                 }
