@@ -324,6 +324,14 @@ fn written_keys<'a>(name: &[u8], args: &'a [Bytes]) -> Option<Written<'a>> {
         },
         // MOVE key db: the key keeps its TTL, or has none, in database `db`.
         b"MOVE" if args.len() == 3 => Some(Written::InDb(vec![&args[1]], db_index(&args[2])?)),
+        // XGROUP CREATE key group id MKSTREAM [ENTRIESREAD n]: creates the stream.
+        b"XGROUP"
+            if args.len() > 5
+                && args[1].eq_ignore_ascii_case(b"CREATE")
+                && args[5..].iter().any(|a| a.eq_ignore_ascii_case(b"MKSTREAM")) =>
+        {
+            at(2)
+        }
         b"MSET" | b"MSETNX" => Some(Written::Keys(args.iter().skip(1).step_by(2).collect())),
         b"SORT" => sort_store(args).map(|k| Written::Keys(vec![k])),
         b"GEORADIUS" | b"GEORADIUSBYMEMBER" => {
@@ -336,6 +344,26 @@ fn written_keys<'a>(name: &[u8], args: &'a [Bytes]) -> Option<Written<'a>> {
         }
         _ => None,
     }
+}
+
+/// The options of an `EXPIRE`-family command: `Some(true)` with `GT` or `LT`, `Some(false)`
+/// with neither, `None` when Redis refuses them (an unknown option, `NX` with another, `GT`
+/// with `LT`): such a command changes nothing, so it is forwarded as it is.
+fn expire_compares(options: &[Bytes]) -> Option<bool> {
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for o in options {
+        match o.to_ascii_uppercase().as_slice() {
+            b"NX" => nx = true,
+            b"XX" => xx = true,
+            b"GT" => gt = true,
+            b"LT" => lt = true,
+            _ => return None,
+        }
+    }
+    if (nx && (xx || gt || lt)) || (gt && lt) {
+        return None;
+    }
+    Some(gt || lt)
 }
 
 enum Written<'a> {
@@ -547,7 +575,21 @@ impl TtlPolicy {
                 };
                 let Some(rule) = args.get(1).and_then(|k| self.rule(k, db)) else { return Plan::Forward };
                 let Some(max) = self.clamped(rule, args.get(2), unit) else { return Plan::Forward };
+                let Some(compares) = expire_compares(&args[3..]) else { return Plan::Forward };
                 rule.applied.increment(1);
+                if compares {
+                    // GT and LT compare the TTL the client named with the key's: lowering it
+                    // first could change Redis's answer. The command runs as sent, then the
+                    // TTL it may have set is lowered to max.
+                    let lower = vec![
+                        Bytes::from_static(b"PEXPIRE"),
+                        args[1].clone(),
+                        num(max),
+                        Bytes::from_static(b"XX"),
+                        Bytes::from_static(b"LT"),
+                    ];
+                    return Plan::Guard(vec![lower]);
+                }
                 let mut out = Vec::with_capacity(args.len());
                 out.extend([Bytes::from_static(b"PEXPIRE"), args[1].clone(), num(max)]);
                 out.extend(args[3..].iter().cloned());

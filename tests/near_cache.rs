@@ -892,3 +892,39 @@ async fn shadow_verify_off_counts_nothing_even_when_stale() {
     assert_eq!(c.cmd(&["GET", "master:v"]).await, bulk("old"), "the entry is still there");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes the `COMMAND` table's top level does not show: a container's subcommand
+/// (`XGROUP CREATE … MKSTREAM`) and `PFCOUNT`, flagged read-only, which rewrites the value's
+/// header. Pipelined behind the write, the read must not be answered from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subcommand_writes_and_pfcount_are_seen_by_the_next_pipelined_read() {
+    let redis = RedisServer::start();
+    let proxy = start_cached(&redis.url(), "master:").await;
+    let mut c = proxy.client().await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    for round in 0..20 {
+        let s = format!("master:stream:{round}");
+        assert_eq!(c.cmd(&["EXISTS", &s]).await, b(":0\r\n"));
+        assert_eq!(c.cmd(&["EXISTS", &s]).await, b(":0\r\n"));
+        c.send_raw(
+            &[
+                encode(&[b"XGROUP", b"CREATE", s.as_bytes(), b"g", b"$", b"MKSTREAM"]),
+                encode(&[b"EXISTS", s.as_bytes()]),
+            ]
+            .concat(),
+        )
+        .await;
+        assert_eq!(c.read().await, b("+OK\r\n"));
+        assert_eq!(c.read().await, b(":1\r\n"), "round {round}: EXISTS after XGROUP CREATE … MKSTREAM");
+
+        let h = format!("master:hll:{round}");
+        assert_eq!(c.cmd(&["PFADD", &h, "a", "b", "c"]).await, b(":1\r\n"));
+        let before = c.cmd(&["GET", &h]).await;
+        assert_eq!(c.cmd(&["GET", &h]).await, before);
+        c.send_raw(&[encode(&[b"PFCOUNT", h.as_bytes()]), encode(&[b"GET", h.as_bytes()])].concat()).await;
+        assert_eq!(c.read().await, b(":3\r\n"));
+        let after = c.read().await;
+        assert_eq!(after, direct.cmd(&["GET", &h]).await, "round {round}: GET after PFCOUNT reads Redis's bytes");
+        assert_ne!(after, before, "PFCOUNT rewrote the cached cardinality");
+    }
+}

@@ -1140,3 +1140,67 @@ fn the_mis_v2_example_is_a_valid_config_with_the_seed_ttl_table() {
     assert_eq!(find("temp:excel_upload:").default, h(1));
     assert_eq!(find("lock:").default, Duration::from_secs(300));
 }
+
+/// `EXPIRE … GT|LT` compares the TTL the client named with the key's, so lowering it first
+/// could change Redis's answer: the command runs as sent, and a TTL above max that it set is
+/// then lowered. Replies match a policy-free Redis; the TTL ends at or below max.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_gt_and_lt_answer_as_redis_and_end_at_or_below_max() {
+    let mut rig = Rig::start().await;
+    let above = (3 * MAX_MS).to_string();
+    let below = (MAX_MS / 2).to_string();
+    // (setup TTL in ms or none, the command's options, Redis's reply)
+    let cases: &[(Option<&str>, &[&str], &str)] = &[
+        (Some(&above), &["GT"], ":1\r\n"),
+        (Some(&above), &["LT"], ":0\r\n"),
+        (Some(&below), &["GT"], ":1\r\n"),
+        (Some(&below), &["XX", "GT"], ":1\r\n"),
+        (Some(&below), &["LT"], ":0\r\n"),
+        (None, &["GT"], ":0\r\n"),
+        (None, &["LT"], ":1\r\n"),
+        (None, &["lt", "xx"], ":0\r\n"),
+    ];
+    for (i, (ttl, options, reply)) in cases.iter().enumerate() {
+        let k = format!("t:cmp:{i}");
+        match ttl {
+            Some(ms) => rig.setup(&["SET", &k, "v", "PX", ms]).await,
+            None => rig.setup(&["SET", &k, "v"]).await,
+        }
+        let mut write = vec!["EXPIRE", &k, "99999"];
+        write.extend_from_slice(options);
+        assert_eq!(rig.both(&write).await, b(reply), "{write:?}");
+        let ttl_after = rig.pttl(&k).await;
+        if ttl.is_none() && *reply == ":0\r\n" {
+            assert_eq!(ttl_after, -1, "{write:?} left the key persistent");
+        } else {
+            assert!(ttl_after > 0 && ttl_after <= MAX_MS, "{write:?}: PTTL {ttl_after} at or below max");
+        }
+    }
+    // Options Redis refuses change nothing.
+    rig.setup(&["SET", "t:cmp:bad", "v", "PX", &below]).await;
+    for bad in [&["GT", "LT"][..], &["NX", "GT"], &["GT", "SOON"]] {
+        let mut write = vec!["EXPIRE", "t:cmp:bad", "99999"];
+        write.extend_from_slice(bad);
+        assert!(rig.both(&write).await.starts_with(b"-ERR"), "{write:?}");
+    }
+    let ttl_after = rig.pttl("t:cmp:bad").await;
+    assert!(ttl_after > MAX_MS / 2 - 60_000 && ttl_after <= MAX_MS / 2, "refused options kept the TTL: {ttl_after}");
+    // Inside a transaction, EXEC's reply is Redis's own.
+    rig.setup(&["SET", "t:cmp:tx", "v", "PX", &above]).await;
+    for cmd in [&["MULTI"][..], &["EXPIRE", "t:cmp:tx", "99999", "GT"], &["EXEC"]] {
+        rig.both(cmd).await;
+    }
+    let ttl_after = rig.pttl("t:cmp:tx").await;
+    assert!(ttl_after > 0 && ttl_after <= MAX_MS, "in MULTI: PTTL {ttl_after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_by_xgroup_mkstream_gets_the_default_ttl() {
+    let mut rig = Rig::start().await;
+    rig.both(&["XGROUP", "CREATE", "t:xg", "g", "$", "MKSTREAM"]).await;
+    let ttl = rig.pttl("t:xg").await;
+    assert!(ttl > 0 && ttl <= DEFAULT_MS, "the new stream got the default TTL: {ttl}");
+    // Without MKSTREAM no key is created, and Redis's error comes back.
+    let reply = rig.both(&["XGROUP", "CREATE", "t:xg2", "g", "$"]).await;
+    assert!(reply.starts_with(b"-ERR"), "{reply:?}");
+}

@@ -20,6 +20,9 @@ use crate::protocol::value::{Agg, Value};
 struct Spec {
     write: bool,
     movable: bool,
+    /// A container (`XGROUP`, `CLIENT`…): its subcommands have specs of their own, named
+    /// `CONTAINER|SUBCOMMAND`.
+    container: bool,
     first: i64,
     last: i64,
     step: i64,
@@ -47,31 +50,7 @@ impl CommandTable {
     pub fn from_reply(reply: &Value) -> Option<CommandTable> {
         let Value::Agg(_, entries) = reply else { return None };
         let mut specs = HashMap::with_capacity(entries.len());
-        for entry in entries {
-            let Value::Agg(_, fields) = entry else { continue };
-            let (Some(name), Some(first), Some(last), Some(step)) = (
-                fields.first().and_then(Value::as_bytes),
-                fields.get(3).and_then(Value::as_int),
-                fields.get(4).and_then(Value::as_int),
-                fields.get(5).and_then(Value::as_int),
-            ) else {
-                continue;
-            };
-            let flags: Vec<&[u8]> = match fields.get(2) {
-                Some(Value::Agg(Agg::Array | Agg::Set, f)) => {
-                    f.iter().filter_map(|v| v.as_bytes().map(|b| b.as_ref())).collect()
-                }
-                _ => Vec::new(),
-            };
-            let spec = Spec {
-                write: flags.iter().any(|f| f.eq_ignore_ascii_case(b"write")),
-                movable: flags.iter().any(|f| f.eq_ignore_ascii_case(b"movablekeys")),
-                first,
-                last,
-                step,
-            };
-            specs.insert(name.to_ascii_uppercase(), spec);
-        }
+        add_entries(&mut specs, entries);
         (!specs.is_empty()).then_some(CommandTable { specs })
     }
 
@@ -93,9 +72,24 @@ impl CommandTable {
         match name {
             b"EVAL" | b"EVALSHA" | b"FCALL" => return numkeys(args, 2),
             b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL_RO" => return Written::Nothing,
+            // Flagged read-only, but rewrites the cardinality cached in the value's header.
+            b"PFCOUNT" => return Written::Keys(args[1..].to_vec()),
             _ => {}
         }
-        let Some(spec) = self.specs.get(name) else { return Written::Nothing };
+        let Some(mut spec) = self.specs.get(name) else { return Written::Nothing };
+        if spec.container {
+            // `XGROUP CREATE … MKSTREAM` writes, `XGROUP` itself has no flags: the subcommand's
+            // spec decides.
+            let Some(sub) = args.get(1) else { return Written::Nothing };
+            let mut full = Vec::with_capacity(name.len() + 1 + sub.len());
+            full.extend_from_slice(name);
+            full.push(b'|');
+            full.extend(sub.iter().map(u8::to_ascii_uppercase));
+            match self.specs.get(&full) {
+                Some(s) => spec = s,
+                None => return Written::Nothing,
+            }
+        }
         if !spec.write {
             return Written::Nothing;
         }
@@ -139,6 +133,44 @@ impl CommandTable {
     }
 }
 
+/// Adds the specs of `COMMAND` reply entries, and of their subcommands.
+fn add_entries(specs: &mut HashMap<Vec<u8>, Spec>, entries: &[Value]) {
+    for entry in entries {
+        let Value::Agg(_, fields) = entry else { continue };
+        let (Some(name), Some(first), Some(last), Some(step)) = (
+            fields.first().and_then(Value::as_bytes),
+            fields.get(3).and_then(Value::as_int),
+            fields.get(4).and_then(Value::as_int),
+            fields.get(5).and_then(Value::as_int),
+        ) else {
+            continue;
+        };
+        let flags: Vec<&[u8]> = match fields.get(2) {
+            Some(Value::Agg(Agg::Array | Agg::Set, f)) => {
+                f.iter().filter_map(|v| v.as_bytes().map(|b| b.as_ref())).collect()
+            }
+            _ => Vec::new(),
+        };
+        // Redis 7 lists a container's subcommands, in the same shape, as the tenth field.
+        let subcommands = match fields.get(9) {
+            Some(Value::Agg(_, subs)) if !subs.is_empty() => Some(subs),
+            _ => None,
+        };
+        let spec = Spec {
+            write: flags.iter().any(|f| f.eq_ignore_ascii_case(b"write")),
+            movable: flags.iter().any(|f| f.eq_ignore_ascii_case(b"movablekeys")),
+            container: subcommands.is_some(),
+            first,
+            last,
+            step,
+        };
+        specs.insert(name.to_ascii_uppercase(), spec);
+        if let Some(subs) = subcommands {
+            add_entries(specs, subs);
+        }
+    }
+}
+
 fn numkeys(args: &[Bytes], at: usize) -> Written {
     let Some(n) = args.get(at).and_then(|a| std::str::from_utf8(a).ok()).and_then(|s| s.parse::<usize>().ok()) else {
         return Written::Nothing;
@@ -170,6 +202,14 @@ mod tests {
         )
     }
 
+    /// A container entry: no flags, no keys, its subcommands in the tenth field.
+    fn container(name: &str, subs: Vec<Value>) -> Value {
+        let Value::Agg(kind, mut fields) = entry(name, &[], 0, 0, 0) else { unreachable!() };
+        fields.extend([Value::Agg(Agg::Array, vec![]), Value::Agg(Agg::Array, vec![]), Value::Agg(Agg::Array, vec![])]);
+        fields.push(Value::Agg(Agg::Array, subs));
+        Value::Agg(kind, fields)
+    }
+
     fn cmd(args: &[&str]) -> Command {
         Command::new(args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect())
     }
@@ -189,6 +229,9 @@ mod tests {
                 entry("flushall", &["write"], 0, 0, 0),
                 entry("sort", &["write", "movablekeys"], 1, 0, 1),
                 entry("migrate", &["write", "movablekeys"], 3, 3, 1),
+                container("xgroup", vec![entry("xgroup|create", &["write"], 2, 2, 1)]),
+                container("object", vec![entry("object|freq", &["readonly"], 2, 2, 1)]),
+                entry("pfcount", &["readonly"], 1, -1, 1),
             ],
         ))
         .unwrap();
@@ -200,5 +243,10 @@ mod tests {
         assert_eq!(table.written(&cmd(&["migrate", "h", "1", "", "0", "5", "keys", "a"])), Written::All);
         assert_eq!(table.written(&cmd(&["eval", "return 1", "2", "x", "y", "arg"])), keys(&["x", "y"]));
         assert_eq!(table.written(&cmd(&["eval", "return 1", "5", "x"])), Written::Nothing);
+        assert_eq!(table.written(&cmd(&["xgroup", "create", "s", "g", "$", "mkstream"])), keys(&["s"]));
+        assert_eq!(table.written(&cmd(&["XGROUP", "nosuch", "s"])), Written::Nothing);
+        assert_eq!(table.written(&cmd(&["xgroup"])), Written::Nothing);
+        assert_eq!(table.written(&cmd(&["object", "freq", "s"])), Written::Nothing);
+        assert_eq!(table.written(&cmd(&["pfcount", "h1", "h2"])), keys(&["h1", "h2"]));
     }
 }
