@@ -547,13 +547,13 @@ impl Reader {
 
     /// A locally computed reply (suppressed under `CLIENT REPLY OFF|SKIP`, as Redis would).
     async fn local(&mut self, reply: Bytes, meta: Meta) -> Result<(), Stop> {
+        if self.state.in_multi && reply::is_error(&reply) {
+            self.state.multi_dirty = true;
+        }
         match self.state.reply_mode {
             ReplyMode::Off => return Ok(()),
             ReplyMode::SkipNext => return self.skip_taken_here().await,
             ReplyMode::On => {}
-        }
-        if self.state.in_multi && reply::is_error(&reply) {
-            self.state.multi_dirty = true;
         }
         self.push(Slot::Local(reply, Some(meta))).await
     }
@@ -852,14 +852,17 @@ impl Reader {
         self.sent_since_barrier = true;
         // Redis answers the tail unless replies are off altogether (SKIP covered only the
         // client's command).
-        let tail = if self.state.reply_mode == ReplyMode::Off || self.state.monitor { 0 } else { extra.tail.len() };
-        let count = hidden.len() + replies + tail;
+        let off = self.state.reply_mode == ReplyMode::Off || self.state.monitor;
+        let tail = if off { 0 } else { extra.tail.len() };
+        // Under OFF Redis answers none of sidecache's own commands either.
+        let hidden_replies = if off { 0 } else { hidden.len() };
+        let count = hidden_replies + replies + tail;
         self.pinned_unconfirmed = count == 0;
         let monitor = self.state.monitor;
         let guard = self.pending_guard.take();
         let slot = Slot::Pinned {
             count,
-            skip: hidden.len(),
+            skip: hidden_replies,
             tail,
             strip: extra.strip,
             meta: Some(meta),
@@ -914,6 +917,7 @@ impl Reader {
             // Malformed: Redis's own arity error, and nothing changes.
             Kind::Reset | Kind::Multi if cmd.args.len() != 1 => self.forward(&cmd, meta, pinned_mode).await?,
             Kind::Reset => {
+                let skipped = self.state.reply_mode == ReplyMode::SkipNext;
                 self.confirm_pinned().await?;
                 self.barrier().await?;
                 self.drop_pinned().await?;
@@ -921,10 +925,14 @@ impl Reader {
                 self.state = State::new(&self.ctx.upstream.initial_key());
                 // The transaction is discarded with the connection: its writes never run.
                 self.multi_guard = None;
-                self.push(Slot::Local(encode::simple("RESET"), Some(meta))).await?;
+                // RESET's own reply is the one a pending `CLIENT REPLY SKIP` suppresses.
+                if !skipped {
+                    self.push(Slot::Local(encode::simple("RESET"), Some(meta))).await?;
+                }
             }
             Kind::Multi => {
-                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
+                let replies = self.expected_replies(1);
+                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
                     self.state.in_multi = true;
                 }
             }
@@ -966,7 +974,8 @@ impl Reader {
                 }
             }
             Kind::Watch if !self.state.in_multi && cmd.args.len() > 1 => {
-                if self.send_pinned(&[], &cmd.args, 1, meta, None).await? {
+                let replies = self.expected_replies(1);
+                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
                     self.state.watching = true;
                 }
             }
@@ -1382,12 +1391,48 @@ impl Reader {
             Some(_) => 0,
             None => self.expected_replies(1),
         };
+        if self.state.in_multi && mode.is_some() {
+            // Redis would queue it and then answer EXEC with an array whose elements the new
+            // mode suppresses (a malformed reply): refused, so the transaction aborts.
+            let msg =
+                "ERR sidecache: CLIENT REPLY inside MULTI is not supported (Redis's EXEC reply would be malformed)";
+            return self.local(encode::error(msg), meta).await;
+        }
+        if replies == 0 {
+            // OFF and SKIP get no reply when Redis takes them, so its refusal is learned first:
+            // RESP2 subscribed mode allows no CLIENT command, and ACL rules are checked by
+            // `CLIENT REPLY ON` on the shared connection (a no-op there).
+            if self.state.proto == Proto::Resp2
+                && (!self.state.channels.is_empty() || !self.state.patterns.is_empty() || !self.state.shards.is_empty())
+            {
+                let msg = "ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context";
+                return self.local(encode::error(msg), meta).await;
+            }
+            let probe = [cmd.args[0].clone(), cmd.args[1].clone(), Bytes::from_static(b"ON")];
+            let verdict = self.pool_verdict(&probe).await?;
+            if reply::is_error(&verdict.0) {
+                return self.later(Box::pin(std::future::ready(verdict)), meta).await;
+            }
+            self.budget.release(verdict.1);
+        }
         if let Some(mode) = mode {
             // Redis applies the new mode to this very command: ON answers, OFF/SKIP do not.
             self.state.reply_mode = mode;
         }
         self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
         Ok(())
+    }
+
+    /// Redis's verdict on a command that changes nothing on the shared connection, where the
+    /// session's user is judged by the same ACL rules as on a connection of its own.
+    async fn pool_verdict(&mut self, args: &[Bytes]) -> Result<(Bytes, usize), Stop> {
+        Ok(match self.queue_pooled(args).await? {
+            Ok(rx) => {
+                self.flush().await?;
+                charged_reply(rx.await)
+            }
+            Err(e) => (e.to_reply(), 0),
+        })
     }
 
     /// Moves the session to the pool for `key`, answering with Redis's own error when the
@@ -1485,6 +1530,10 @@ impl Reader {
             // the transaction).
             return self.forward(cmd, meta, pinned_mode).await;
         }
+        if self.state.in_multi {
+            // Queued: Redis judges the name at EXEC.
+            return self.state_change_pinned(cmd, meta).await;
+        }
         let name = owned(&cmd.args[2]);
         if let Err(e) = check_client_name(&name) {
             return self.local(e, meta).await;
@@ -1495,13 +1544,7 @@ impl Reader {
             // Redis judges whether the user may name its connection: the shared connection,
             // which has no name, runs `CLIENT SETNAME ""` (a no-op there) for its verdict.
             let check = [cmd.args[0].clone(), cmd.args[1].clone(), Bytes::new()];
-            let verdict = match self.queue_pooled(&check).await? {
-                Ok(rx) => {
-                    self.flush().await?;
-                    charged_reply(rx.await)
-                }
-                Err(e) => (e.to_reply(), 0),
-            };
+            let verdict = self.pool_verdict(&check).await?;
             if reply::is_error(&verdict.0) {
                 return self.later(Box::pin(std::future::ready(verdict)), meta).await;
             }
@@ -1649,6 +1692,8 @@ struct PubSubView {
     channels: HashSet<Bytes>,
     patterns: HashSet<Bytes>,
     shards: HashSet<Bytes>,
+    /// The connection has sent a RESP3 push.
+    pushes: bool,
     monitor: bool,
 }
 
@@ -1665,7 +1710,7 @@ impl PubSubView {
     /// Follows the confirmations among the elements of an `EXEC` reply.
     fn exec_reply(&mut self, frame: &[u8]) {
         for element in reply::elements(frame) {
-            self.unsolicited(element);
+            self.unsolicited(element, true);
         }
     }
 
@@ -1693,26 +1738,35 @@ impl PubSubView {
     }
 
     /// True for frames that are not replies to a command: messages, other pushes, monitor lines.
-    fn unsolicited(&mut self, frame: &[u8]) -> bool {
+    /// `replying`: the frame may answer an (un)subscribe command (the slot being resolved is
+    /// one). Only then, or as a RESP3 push, is a frame shaped like a confirmation taken as one:
+    /// a command's data can have that shape too (`LRANGE` of a list holding "subscribe"…).
+    fn unsolicited(&mut self, frame: &[u8], replying: bool) -> bool {
         if self.monitor {
             return true;
         }
         let Some(head) = reply::head(frame) else { return false };
+        self.pushes |= head.push;
         let first = head.first.map(|f| f.to_ascii_lowercase());
         let first = first.as_deref();
         let confirmation = matches!(
             first,
             Some(b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" | b"ssubscribe" | b"sunsubscribe")
         );
-        if let (true, Some(kind)) = (confirmation, first) {
+        if let (true, Some(kind)) = (confirmation, first)
+            && (replying || head.push)
+        {
             self.confirmed(kind, head.second, head.third_int);
-            return false;
+            // A confirmation push that answers no command of the client's is forwarded as is.
+            return !replying;
         }
         if head.push {
             return true;
         }
+        // Messages are arrays only in RESP2, where a subscribed connection runs nothing that
+        // answers with an array of three; in RESP3 (pushes seen) an array is a command's data.
         let subscribed = self.subscriptions > 0 || self.shard_subscriptions > 0;
-        subscribed && head.len >= 3 && matches!(first, Some(b"message" | b"pmessage" | b"smessage"))
+        subscribed && !self.pushes && head.len >= 3 && matches!(first, Some(b"message" | b"pmessage" | b"smessage"))
     }
 }
 
@@ -2041,7 +2095,8 @@ impl Writer {
                             }
                         };
                         self.budget.release(frame.len());
-                        if self.view.unsolicited(&frame) {
+                        let replying = matches!(pubsub, Some(PubSubCmd::Subscription { .. }));
+                        if self.view.unsolicited(&frame, replying) {
                             self.out.extend_from_slice(&frame);
                             continue;
                         }
@@ -2094,7 +2149,7 @@ impl Writer {
         match frame {
             Some(Ok(frame)) => {
                 self.budget.release(frame.len());
-                self.view.unsolicited(&frame);
+                self.view.unsolicited(&frame, false);
                 self.out.extend_from_slice(&frame);
                 Ok(())
             }

@@ -825,3 +825,141 @@ async fn a_password_set_later_is_asked_of_new_clients() {
     // The client that connected before keeps its access, as its Redis connection would.
     assert_eq!(early.cmd(&["GET", "pw:k"]).await, b("$1\r\nv\r\n"));
 }
+
+/// Sends each script as one write, first straight to Redis and then through sidecache, each on
+/// a new connection and an emptied Redis, and compares everything up to the reply to the closing `PING end`
+/// (after the first `skip` replies, which may differ: `HELLO`'s id). A reply that never comes
+/// fails the read.
+async fn same_streams(redis: &RedisServer, proxy: &Proxy, scripts: &[(usize, &[&[&str]])]) {
+    for (skip, script) in scripts {
+        let mut cmds = script.to_vec();
+        cmds.push(&["PING", "end"]);
+        let mut streams = Vec::new();
+        for through_proxy in [false, true] {
+            // Both runs start from an empty Redis.
+            assert_eq!(Client::connect(&redis.addr()).await.cmd(&["FLUSHALL"]).await, b("+OK\r\n"));
+            let mut c = match through_proxy {
+                false => Client::connect(&redis.addr()).await,
+                true => proxy.client().await,
+            };
+            c.send_raw(&pipeline(&cmds)).await;
+            let mut replies = Vec::new();
+            loop {
+                let r = c.read().await;
+                let end = r == b("$3\r\nend\r\n");
+                replies.push(String::from_utf8_lossy(&r).into_owned());
+                if end {
+                    break;
+                }
+            }
+            streams.push(replies.split_off((*skip).min(replies.len())));
+        }
+        assert_eq!(streams[1], streams[0], "replies to {script:?} differ from Redis's (right)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_shaped_like_pubsub_frames_is_a_reply_like_any_other() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let scripts: &[(usize, &[&[&str]])] = &[
+        (
+            1,
+            &[
+                &["HELLO", "3"],
+                &["SUBSCRIBE", "ps:c"],
+                &["RPUSH", "ps:l", "message", "x", "y"],
+                &["LRANGE", "ps:l", "0", "-1"],
+                &["UNSUBSCRIBE"],
+                &["GET", "ps:missing"],
+            ],
+        ),
+        (
+            1,
+            &[
+                &["HELLO", "3"],
+                &["SUBSCRIBE", "ps:c"],
+                &["RPUSH", "ps:l", "subscribe", "fake"],
+                &["LRANGE", "ps:l", "0", "-1"],
+                &["UNSUBSCRIBE"],
+            ],
+        ),
+        (
+            0,
+            &[
+                &["WATCH", "ps:w"],
+                &["EVAL", "return {'subscribe','x',1}", "0"],
+                &["EVAL", "return {'message','a','b'}", "0"],
+                &["UNWATCH"],
+                &["GET", "ps:missing"],
+            ],
+        ),
+    ];
+    same_streams(&redis, &proxy, scripts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_modes_with_transactions_watch_wait_and_reset_match_redis() {
+    let redis = RedisServer::start_with(&["--user", "norep", "on", ">pw", "~*", "&*", "+@all", "-client|reply"]);
+    let proxy = Proxy::start(&redis).await;
+    let scripts: &[(usize, &[&[&str]])] = &[
+        (
+            0,
+            &[
+                &["CLIENT", "REPLY", "OFF"],
+                &["MULTI"],
+                &["SET", "rm:k", "1"],
+                &["EXEC"],
+                &["CLIENT", "REPLY", "ON"],
+                &["GET", "rm:k"],
+            ],
+        ),
+        (
+            0,
+            &[
+                &["CLIENT", "REPLY", "OFF"],
+                &["WATCH", "rm:w"],
+                &["CLIENT", "REPLY", "ON"],
+                &["UNWATCH"],
+                &["GET", "rm:x"],
+            ],
+        ),
+        (0, &[&["CLIENT", "REPLY", "OFF"], &["WAIT", "0", "0"], &["CLIENT", "REPLY", "ON"], &["GET", "rm:x"]]),
+        (
+            0,
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["MULTI"],
+                &["NOSUCHCOMMAND"],
+                &["SET", "rm:a", "1"],
+                &["EXEC"],
+                &["GET", "rm:a"],
+            ],
+        ),
+        (0, &[&["CLIENT", "REPLY", "SKIP"], &["RESET"], &["GET", "rm:x"]]),
+        (0, &[&["MULTI"], &["CLIENT", "SETNAME", "a b"], &["SET", "rm:n", "1"], &["EXEC"], &["GET", "rm:n"]]),
+        // Refused by Redis, so no mode changes: RESP2 subscribed mode, and an ACL rule.
+        (0, &[&["SUBSCRIBE", "rm:ch"], &["CLIENT", "REPLY", "SKIP"], &["PING"], &["UNSUBSCRIBE"]]),
+        (0, &[&["SUBSCRIBE", "rm:ch"], &["CLIENT", "REPLY", "OFF"], &["PING"], &["RESET"], &["GET", "rm:x"]]),
+        (
+            0,
+            &[
+                &["AUTH", "norep", "pw"],
+                &["CLIENT", "REPLY", "OFF"],
+                &["SET", "rm:p", "1"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["GET", "rm:p"],
+            ],
+        ),
+    ];
+    same_streams(&redis, &proxy, scripts).await;
+    // Inside MULTI, Redis would answer EXEC with a malformed array: sidecache refuses it.
+    let mut c = proxy.client().await;
+    c.send_raw(&pipeline(&[&["MULTI"], &["CLIENT", "REPLY", "OFF"], &["SET", "rm:m", "1"], &["EXEC"], &["PING"]]))
+        .await;
+    assert_eq!(c.read().await, b("+OK\r\n"));
+    assert!(c.read().await.starts_with(b"-ERR sidecache: CLIENT REPLY inside MULTI"));
+    assert_eq!(c.read().await, b("+QUEUED\r\n"));
+    assert!(c.read().await.starts_with(b"-EXECABORT"));
+    assert_eq!(c.read().await, b("+PONG\r\n"));
+}
