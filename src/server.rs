@@ -195,8 +195,8 @@ impl Server {
         let metrics_handle = crate::metrics::install();
         tokio::spawn(crate::admin::serve(admin, ctx.clone(), metrics_handle, background.clone()));
         tokio::spawn(ctx.upstream.clone().health_loop(Duration::from_secs(1), background.clone()));
-        tokio::spawn(ctx.upstream.clone().sweep_loop(crate::upstream::POOL_SWEEP, background.clone()));
-        tokio::spawn(ctx.upstream.clone().recheck_loop(crate::upstream::POOL_RECHECK, background.clone()));
+        let (sweep, recheck) = (crate::upstream::POOL_SWEEP, crate::upstream::POOL_RECHECK);
+        tokio::spawn(ctx.upstream.clone().upkeep_loop(sweep, recheck, background.clone()));
         if let Some(cache) = &ctx.cache {
             tokio::spawn(crate::cache::link::run(cache.clone(), ctx.upstream.clone(), background.clone()));
         }

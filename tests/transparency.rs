@@ -13,10 +13,18 @@ async fn same_as_direct(redis: &RedisServer, proxy: &Proxy, script: &[&[&str]]) 
     let mut via = proxy.client().await;
     assert_eq!(direct.cmd(&["SELECT", "9"]).await, b("+OK\r\n"));
     assert_eq!(via.cmd(&["SELECT", "10"]).await, b("+OK\r\n"));
+    same_replies(&mut direct, &mut via, script).await;
+}
+
+/// Runs `script` command by command on both connections and asserts identical reply bytes.
+/// An empty line reads the next reply of a command that has several.
+async fn same_replies(direct: &mut Client, via: &mut Client, script: &[&[&str]]) {
     for cmd in script {
-        let want = direct.cmd(cmd).await;
-        let got = via.cmd(cmd).await;
-        assert_eq!(got, want, "reply to {cmd:?} differs from Redis");
+        let (want, got) = match cmd.is_empty() {
+            true => (direct.read().await, via.read().await),
+            false => (direct.cmd(cmd).await, via.cmd(cmd).await),
+        };
+        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
     }
 }
 
@@ -383,11 +391,7 @@ async fn a_changed_password_is_refused_even_while_a_pool_holds_the_old_one() {
     ];
     let mut direct = Client::connect(&redis.addr()).await;
     let mut via = proxy.client().await;
-    for cmd in script {
-        let want = direct.cmd(cmd).await;
-        let got = via.cmd(cmd).await;
-        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-    }
+    same_replies(&mut direct, &mut via, script).await;
     // The two clients that authenticated before the change stay alice, as on Redis.
     assert_eq!(first.cmd(&["ACL", "WHOAMI"]).await, b("$5\r\nalice\r\n"));
     assert_eq!(first3.cmd(&["ACL", "WHOAMI"]).await, b("$5\r\nalice\r\n"));
@@ -576,11 +580,7 @@ async fn refused_state_commands_change_nothing_as_on_redis() {
     let mut direct = Client::connect(&plain.addr()).await;
     let mut via = proxy.client().await;
     let mut both = async |script: &[&[&str]]| {
-        for cmd in script {
-            let want = direct.cmd(cmd).await;
-            let got = via.cmd(cmd).await;
-            assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-        }
+        same_replies(&mut direct, &mut via, script).await;
     };
     both(&[
         &["SELECT", "2"],
@@ -716,14 +716,7 @@ async fn a_refused_subscribe_is_one_error_and_subscribes_to_nothing() {
     ];
     let mut direct = Client::connect(&redis.addr()).await;
     let mut via = proxy.client().await;
-    for cmd in script {
-        // An empty line reads the next reply of a command that has several.
-        let (want, got) = match cmd.is_empty() {
-            true => (direct.read().await, via.read().await),
-            false => (direct.cmd(cmd).await, via.cmd(cmd).await),
-        };
-        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-    }
+    same_replies(&mut direct, &mut via, script).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -733,20 +726,12 @@ async fn subscribing_inside_a_transaction_subscribes_the_client_as_on_redis() {
     let mut direct = Client::connect(&redis.addr()).await;
     let mut via = proxy.client().await;
     let before: &[&[&str]] = &[&["MULTI"], &["SUBSCRIBE", "txnews"], &["EXEC"], &["GET", "missing"]];
-    for cmd in before {
-        let want = direct.cmd(cmd).await;
-        let got = via.cmd(cmd).await;
-        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-    }
+    same_replies(&mut direct, &mut via, before).await;
     let mut publisher = Client::connect(&redis.addr()).await;
     assert_eq!(publisher.cmd(&["PUBLISH", "txnews", "hi"]).await, b(":2\r\n"));
     let message = direct.read().await;
     assert_eq!(via.read().await, message, "the message");
-    for cmd in [&["UNSUBSCRIBE"][..], &["PING"], &["GET", "missing"]] {
-        let want = direct.cmd(cmd).await;
-        let got = via.cmd(cmd).await;
-        assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-    }
+    same_replies(&mut direct, &mut via, &[&["UNSUBSCRIBE"][..], &["PING"], &["GET", "missing"]]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,11 +779,7 @@ async fn client_names_are_judged_by_redis_and_queued_inside_multi() {
     for script in scripts {
         let mut direct = Client::connect(&redis.addr()).await;
         let mut via = proxy.client().await;
-        for cmd in *script {
-            let want = direct.cmd(cmd).await;
-            let got = via.cmd(cmd).await;
-            assert_eq!(got, want, "reply to {cmd:?} differs from Redis's");
-        }
+        same_replies(&mut direct, &mut via, script).await;
     }
 }
 

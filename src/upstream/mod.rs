@@ -186,10 +186,11 @@ impl Pool {
     }
 }
 
-/// How often `sweep_loop` looks for unused pools.
+/// How often `upkeep_loop` runs `sweep`, which looks for unused pools.
 pub const POOL_SWEEP: Duration = Duration::from_secs(60);
-/// How often `recheck_loop` makes sure Redis still accepts each pool's credentials: the
-/// longest a client without the new password can still get in through an existing pool.
+/// How often `upkeep_loop` runs `recheck`, which makes sure Redis still accepts each pool's
+/// credentials: the longest a client without the new password can still get in through an
+/// existing pool.
 pub const POOL_RECHECK: Duration = Duration::from_secs(2);
 /// Sweeps in a row that must find a pool unused before it is closed.
 pub const POOL_UNUSED_SWEEPS: u32 = 2;
@@ -326,17 +327,6 @@ impl Upstream {
         closed
     }
 
-    /// Runs `sweep` every `every` until `stop` fires.
-    pub async fn sweep_loop(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            self.sweep();
-        }
-    }
-
     /// Opens a connection with each pool's handshake, as a new client's connection would be,
     /// and closes the pools whose handshake Redis now refuses; returns how many. Redis judges
     /// credentials when a connection authenticates, so a pool made before a password was set or
@@ -359,14 +349,23 @@ impl Upstream {
         closed
     }
 
-    /// Runs `recheck` every `every` until `stop` fires.
-    pub async fn recheck_loop(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+    /// Until `stop` fires, runs `sweep` every `sweep_every` and `recheck` every
+    /// `recheck_every`, each first after one period.
+    pub async fn upkeep_loop(self: Arc<Self>, sweep_every: Duration, recheck_every: Duration, stop: CancellationToken) {
+        let now = tokio::time::Instant::now();
+        let mut sweeps = tokio::time::interval_at(now + sweep_every, sweep_every);
+        let mut rechecks = tokio::time::interval_at(now + recheck_every, recheck_every);
+        rechecks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = sweeps.tick() => {
+                    self.sweep();
+                }
+                _ = rechecks.tick() => {
+                    self.recheck().await;
+                }
             }
-            self.recheck().await;
         }
     }
 
