@@ -48,7 +48,7 @@ use crate::metrics::{LockMetrics, LockOutcome};
 use crate::protocol::encode::{self, Proto};
 use crate::protocol::reply;
 use crate::protocol::request::parse_i64;
-use crate::upstream::{Batch, Handshake, PoolKey, Upstream, UpstreamError, Waiter, conn};
+use crate::upstream::{Batch, Creds, Handshake, PoolKey, Upstream, UpstreamError, Waiter, conn};
 
 /// Lua helpers for counters. Lua numbers are doubles, exact only up to 2^53, while Redis
 /// counters go to 2^63: so the scripts never do arithmetic on a counter. They compare decimal
@@ -97,10 +97,10 @@ return {1, fence, repaired}
 "#
 );
 
-/// Deletes the lock if it holds the token and announces it: 1, else 0.
-/// KEYS: lock. ARGV: token, channel, lock name (the message).
+/// Deletes the lock if it holds the token and announces it: 1, else 0 (also for a legacy
+/// client's lock, which holds no token). KEYS: lock. ARGV: token, channel, lock name (the message).
 const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
@@ -108,27 +108,34 @@ end
 return 0
 "#;
 
-/// Sets a new lease if the lock holds the token: 1, else 0. KEYS: lock. ARGV: token, lease ms.
+/// Sets a new lease if the lock holds the token: 1, else 0 (also for a legacy client's lock).
+/// KEYS: lock. ARGV: token, lease ms.
 const EXTEND: &str = r#"
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 "#;
 
-/// `{fence, pttl}` of a held lock (the fence as a string), else nil. KEYS: lock.
+/// `{fence, pttl}` of a held lock (the fence as a string), else nil. A lock a legacy client
+/// took with `SET … NX` (any other type of key) has no fence: 0. KEYS: lock.
 const INFO: &str = r#"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then
   return false
+end
+local fence = '0'
+if kind == 'hash' then
+  fence = redis.call('HGET', KEYS[1], 'fence') or '0'
 end
 return {fence, redis.call('PTTL', KEYS[1])}
 "#;
 
 /// Reserves `n` numbers: `{last, repaired}` (`last` as a string). A counter found behind what
 /// this instance handed out is moved past it. KEYS: counter. ARGV: n, highest number handed out
-/// here, TTL ms (0: none, and an existing TTL is never changed).
+/// here (empty: none yet, nothing to compare), TTL ms (0: none, and an existing TTL is never
+/// changed).
 const SERIAL: &str = concat!(
     counter_lua!(),
     r#"
@@ -136,7 +143,7 @@ local prev = redis.pcall('GET', KEYS[1])
 if type(prev) == 'table' then return prev end
 prev = prev or '0'
 local repaired = 0
-if int(prev) and below(prev, ARGV[2]) then
+if ARGV[2] ~= '' and int(prev) and below(prev, ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   repaired = 1
 end
@@ -697,9 +704,11 @@ impl Locks {
 
     async fn serial_next(&self, name: &Bytes, count: i64) -> Result<i64, LockError> {
         let key = concat(&self.serial_prefix, name);
-        let floor = self.serial_high.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied().unwrap_or(0);
+        // Only numbers this instance handed out say a counter went backwards.
+        let floor = self.serial_high.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied();
+        let floor_arg = floor.map_or_else(Bytes::new, num);
         let ttl = self.ttl_for.get().and_then(|f| f(&key)).map_or(0, |d| d.as_millis().max(1) as i64);
-        match self.call(eval(SERIAL, &[key], &[num(count), num(floor), num(ttl)])).await? {
+        match self.call(eval(SERIAL, &[key], &[num(count), floor_arg, num(ttl)])).await? {
             Val::Ints(v) if v.len() == 2 => {
                 let last = v[0];
                 if v[1] == 1 {
@@ -707,7 +716,7 @@ impl Locks {
                     tracing::warn!(counter = %String::from_utf8_lossy(name), floor, last, "A serial counter was behind numbers this instance handed out (Redis lost data); moved it past them.");
                 }
                 let mut high = self.serial_high.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = high.entry(name.clone()).or_insert(0);
+                let entry = high.entry(name.clone()).or_insert(last);
                 *entry = (*entry).max(last);
                 drop(high);
                 self.metrics.serial_issued.increment(count as u64);
@@ -814,11 +823,32 @@ impl SessionLocks {
         SessionLocks { inner: Arc::new(SessionInner { locks, state: Mutex::new(SessionState::default()) }) }
     }
 
-    /// Parses a lock or serial command: an error reply at once, or the future of its reply.
-    pub fn command(&self, cmd: &Command, proto: Proto) -> Result<Reply, Bytes> {
+    /// Parses a lock or serial command: an error reply at once, or the future of its reply and
+    /// whether it waits (`LOCK.ACQUIRE … WAIT`: like a blocking command, the client's next
+    /// commands must wait for it).
+    pub fn command(&self, cmd: &Command, proto: Proto) -> Result<(Reply, bool), Bytes> {
         let parsed = LockCommand::parse(cmd.name(), &cmd.args, self.inner.locks.max_lease_ms)?;
+        let waits = matches!(parsed, LockCommand::Acquire { wait: Wait::For(_) | Wait::Forever, .. });
         let this = self.clone();
-        Ok(Box::pin(async move { (this.run(parsed, proto).await, 0) }))
+        Ok((Box::pin(async move { (this.run(parsed, proto).await, 0) }), waits))
+    }
+
+    /// For a client logged in as another user than the scripts run as (the upstream URL's):
+    /// a no-op `EVAL` that declares the keys `cmd` uses, for Redis to judge that user by (the
+    /// session sends it on its own shared connection). `None` when the users are the same.
+    /// `cmd` parsed (its name is its first parameter).
+    pub fn acl_probe(&self, cmd: &Command, creds: Option<&Creds>) -> Option<Vec<Bytes>> {
+        let locks = &self.inner.locks;
+        if creds == locks.key.creds.as_ref() {
+            return None;
+        }
+        let name = cmd.args.get(1)?;
+        let keys = match cmd.name() {
+            b"LOCK.ACQUIRE" => vec![locks.lock_key(name), locks.fence_key.clone()],
+            b"SERIAL.NEXT" => vec![concat(&locks.serial_prefix, name)],
+            _ => vec![locks.lock_key(name)],
+        };
+        Some(eval("return 0", &keys, &[]))
     }
 
     async fn run(&self, cmd: LockCommand, proto: Proto) -> Bytes {
@@ -834,7 +864,7 @@ impl SessionLocks {
             }
             LockCommand::Release { name, token } => match locks.release(&name, &token).await {
                 Ok(released) => {
-                    self.forget(&token);
+                    self.forget_of(&name, &token);
                     encode::integer(i64::from(released))
                 }
                 Err(e) => e.to_reply(),
@@ -842,7 +872,7 @@ impl SessionLocks {
             LockCommand::Extend { name, token, lease_ms } => match locks.extend(&name, &token, lease_ms).await {
                 Ok(extended) => {
                     if !extended {
-                        self.forget(&token);
+                        self.forget_of(&name, &token);
                     }
                     encode::integer(i64::from(extended))
                 }
@@ -932,7 +962,22 @@ impl SessionLocks {
         true
     }
 
-    /// Stops tracking a token (released, refused, or no longer held).
+    /// Stops tracking a token of lock `name` (released, or no longer held). The same token
+    /// named with another lock says nothing about the lock it belongs to.
+    fn forget_of(&self, name: &[u8], token: &Bytes) {
+        let entry = {
+            let mut st = self.state();
+            match st.tokens.get(token) {
+                Some(e) if e.name == name => st.tokens.remove(token),
+                _ => None,
+            }
+        };
+        if let Some(entry) = entry {
+            self.inner.dropped(entry);
+        }
+    }
+
+    /// Stops tracking a token (its acquire failed or timed out).
     fn forget(&self, token: &Bytes) {
         let entry = self.state().tokens.remove(token);
         if let Some(entry) = entry {

@@ -19,7 +19,10 @@
 //!   `CLIENT REPLY OFF`, `CLIENT TRACKING`/`ID`/…, `MONITOR`) or for one blocking command, they
 //!   go to a dedicated connection opened with the session's state replayed;
 //! - before commands move from one connection to the other, the reader waits (a barrier slot)
-//!   until every reply from the previous one is in: a session's commands reach Redis in order.
+//!   until every reply from the previous one is in: a session's commands reach Redis in order;
+//! - sidecache's own commands are answered by their modules (`cache::command`, `locks`); a
+//!   `LOCK.ACQUIRE … WAIT` holds the commands after it until it is answered, as Redis holds a
+//!   blocked client's pipeline.
 //!
 //! `SELECT`, `AUTH` and `HELLO` move the session to another pool; the pool's handshake checks
 //! them first, so errors are Redis's own. Each is also sent to Redis on every use, and the
@@ -55,6 +58,8 @@ const READ_MIN: usize = 512;
 const READ_MAX: usize = 16 * 1024;
 /// A read buffer that grew beyond this is given back once no frame is pending in it.
 const READ_KEEP: usize = 4 * 1024;
+/// While a client waits for a reply, its socket is read until this much is buffered.
+const HOLD_READ_MAX: usize = 64 * 1024;
 /// How long a closing session waits for its last replies to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -121,6 +126,10 @@ enum Slot {
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
     Later(Later, Meta),
+    /// A reply the client waits for as for a blocking command's (`LOCK.ACQUIRE … WAIT`): the
+    /// reader sends nothing more until it resolves, so the dedicated connection's messages and
+    /// pushes, which Redis delivers to a blocked client, may pass it.
+    Waiting(Later, Meta),
     /// `count` frames coming from the dedicated connection; the first `skip` and the last
     /// `tail` are sidecache's own and not shown; the first shown one is also sent to `report`.
     /// `strip` lists elements of an `EXEC` reply that answer sidecache's own queued commands.
@@ -249,6 +258,12 @@ impl State {
             || !self.shards.is_empty()
     }
 
+    /// RESP2 subscribed mode, where Redis runs only (un)subscribe commands, PING, QUIT and RESET.
+    fn resp2_subscribed(&self) -> bool {
+        self.proto == Proto::Resp2
+            && (!self.channels.is_empty() || !self.patterns.is_empty() || !self.shards.is_empty())
+    }
+
     fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {
         match kind {
             SubKind::Channel => &mut self.channels,
@@ -319,6 +334,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
         pending_guard: None,
         multi_guard: None,
         locks: locks.clone(),
+        hold: None,
         policy,
     };
     let reader = async {
@@ -373,6 +389,10 @@ struct Reader {
     multi_guard: Option<WriteGuard>,
     /// Locks this connection holds (`LOCK.*`).
     locks: crate::locks::SessionLocks,
+    /// Ends when the command the client waits for (`LOCK.ACQUIRE … WAIT`) is answered. Until
+    /// then the commands after it are not run, as Redis runs nothing more of a blocked
+    /// client's pipeline; the socket is still read, to notice a client that disconnects.
+    hold: Option<oneshot::Receiver<()>>,
     /// The policy for the commands of the current read.
     policy: Arc<crate::server::Policy>,
 }
@@ -389,7 +409,10 @@ impl Reader {
         loop {
             let (frame_deadline, idle_timeout) = (self.policy.frame_deadline, self.policy.idle_timeout);
             let in_frame = parser.in_frame(&buf);
+            let holding = self.hold.is_some();
+            // A client waiting for a reply is neither idle nor slow to send: no deadline.
             let deadline = match (in_frame, frame_started) {
+                _ if holding => None,
                 (true, Some(t)) if !frame_deadline.is_zero() => Some((t + frame_deadline, "frame_deadline")),
                 _ if !idle_timeout.is_zero() && !self.state.needs_pin() => {
                     Some((Instant::now() + idle_timeout, "idle_timeout"))
@@ -405,11 +428,21 @@ impl Reader {
             // Wait for readability without holding a buffer, so idle clients cost no buffer.
             // Once the server is stopping, what the client sent before is still read and
             // answered (without waiting): the session ends when its socket has nothing left.
-            if !draining {
+            // While the client waits (`hold`), its socket is read only to notice a disconnect,
+            // and the commands read meanwhile are run once the wait ends.
+            let mut resume = false;
+            if holding && draining {
                 tokio::select! {
                     biased;
                     _ = kill.raised() => return Stop::Abort,
-                    _ = stopping.raised(), if !in_frame => draining = true,
+                    _ = held(&mut self.hold) => resume = true,
+                }
+            } else if !draining {
+                tokio::select! {
+                    biased;
+                    _ = kill.raised() => return Stop::Abort,
+                    _ = held(&mut self.hold), if holding => resume = true,
+                    _ = stopping.raised(), if !in_frame && !holding => draining = true,
                     _ = timer => {
                         let kind = deadline.map_or("idle_timeout", |d| d.1);
                         // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
@@ -419,7 +452,7 @@ impl Reader {
                         metrics.protocol_error(kind);
                         return Stop::Abort;
                     }
-                    ready = rd.readable() => {
+                    ready = rd.readable(), if !holding || buf.len() < HOLD_READ_MAX => {
                         if ready.is_err() {
                             return Stop::Abort;
                         }
@@ -428,33 +461,43 @@ impl Reader {
             } else if kill.is_raised() {
                 return Stop::Abort;
             }
-            // The buffer is kept between reads: once the commands parsed from it are gone, its
-            // memory is reused in place rather than allocated again for every read.
-            buf.reserve(chunk);
-            let spare = buf.capacity() - buf.len();
-            let read = if draining {
-                match rd.try_read_buf(&mut buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Stop::Drain,
-                    r => r,
-                }
+            if resume {
+                // The wait ended: the commands read meanwhile come next, before any new read.
+                self.hold = None;
+                frame_started = None;
             } else {
-                // One poll of `read_buf`: unlike `try_read`, a short read clears the readiness,
-                // so the next loop does not spend a system call on EAGAIN. Spurious readiness: loop.
-                tokio::select! {
-                    biased;
-                    r = rd.read_buf(&mut buf) => r,
-                    _ = std::future::ready(()) => continue,
+                // The buffer is kept between reads: once the commands parsed from it are gone,
+                // its memory is reused in place rather than allocated again for every read.
+                buf.reserve(chunk);
+                let spare = buf.capacity() - buf.len();
+                let read = if draining {
+                    match rd.try_read_buf(&mut buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Stop::Drain,
+                        r => r,
+                    }
+                } else {
+                    // One poll of `read_buf`: unlike `try_read`, a short read clears the
+                    // readiness, so the next loop does not spend a system call on EAGAIN.
+                    // Spurious readiness: loop.
+                    tokio::select! {
+                        biased;
+                        r = rd.read_buf(&mut buf) => r,
+                        _ = std::future::ready(()) => continue,
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return Stop::Abort,
+                    Ok(n) if n == spare => chunk = (chunk * 2).min(READ_MAX),
+                    Ok(_) => {}
                 }
-            };
-            match read {
-                Ok(0) | Err(_) => return Stop::Abort,
-                Ok(n) if n == spare => chunk = (chunk * 2).min(READ_MAX),
-                Ok(_) => {}
+            }
+            if self.hold.is_some() {
+                continue; // read to notice a disconnect; run after the wait
             }
             // One snapshot of the policy per read: a reload applies from the next read on.
             self.policy = self.ctx.policy.load_full();
             let limits = self.policy.request_limits;
-            loop {
+            while self.hold.is_none() {
                 match parser.next(&mut buf, &limits) {
                     Ok(Some(args)) => {
                         frame_started = None;
@@ -471,7 +514,10 @@ impl Reader {
                     }
                 }
             }
-            if parser.in_frame(&buf) {
+            if self.hold.is_some() {
+                // The rest of the read waits; a frame started in it is timed from the wait's end.
+                frame_started = None;
+            } else if parser.in_frame(&buf) {
                 frame_started.get_or_insert_with(Instant::now);
             } else {
                 frame_started = None;
@@ -531,7 +577,7 @@ impl Reader {
 
     /// Pushes a slot as it is; waits for room (sending what is queued first).
     async fn push_slot(&mut self, slot: Slot) -> Result<(), Stop> {
-        if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..)) {
+        if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..) | Slot::Waiting(..)) {
             self.awaiting.fetch_add(1, Ordering::Relaxed);
         }
         match self.slots.0.try_push(slot) {
@@ -1074,6 +1120,13 @@ impl Reader {
     /// sidecache's own commands, answered by the module that owns each. A name no module
     /// answers yet goes to Redis, which answers it as the unknown command it is.
     async fn own(&mut self, cmd: &Command, meta: Meta, pinned_mode: bool) -> Result<(), Stop> {
+        let own = matches!(
+            cmd.name(),
+            b"SIDECACHE" | b"LOCK.ACQUIRE" | b"LOCK.RELEASE" | b"LOCK.EXTEND" | b"LOCK.INFO" | b"SERIAL.NEXT"
+        );
+        if own && self.state.resp2_subscribed() {
+            return self.local(subscribed_refusal(&cmd.display_name()), meta).await;
+        }
         match cmd.name() {
             b"SIDECACHE" => {
                 let reply = crate::cache::command::run(self.ctx.cache.as_deref(), &self.who(), cmd);
@@ -1323,16 +1376,40 @@ impl Reader {
 
     /// Sends a command where the session's commands go now, as the TTL policy plans it.
     /// `LOCK.*` and `SERIAL.NEXT` (see `locks`): argument errors at once, the rest when its
-    /// turn comes, without holding up the reader (a `WAIT` only delays this client's replies).
+    /// turn comes. A `LOCK.ACQUIRE … WAIT` holds the client's next commands until it is
+    /// answered, as a blocking command does on Redis.
+    ///
+    /// The scripts run as the upstream URL's user. A client logged in as another user gets
+    /// Redis's verdict on that user first: `EVAL` of a no-op script that declares the
+    /// command's keys, on the session's shared connection, refused where Redis would refuse
+    /// the user the scripts (no `EVAL`, or no write access to the keys).
     async fn lock_command(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
         if self.state.in_multi {
             let msg = format!("ERR '{}' cannot be used inside MULTI", cmd.display_name());
             return self.local(encode::error(&msg), meta).await;
         }
-        let reply = match self.locks.command(cmd, self.state.proto) {
-            Ok(reply) => reply,
+        let (reply, waits) = match self.locks.command(cmd, self.state.proto) {
+            Ok(parsed) => parsed,
             Err(e) => return self.local(e, meta).await,
         };
+        let verdict = match self.locks.acl_probe(cmd, self.state.creds.as_ref()) {
+            Some(probe) => match self.queue_pooled(&probe).await? {
+                Ok(rx) => Some(rx),
+                Err(e) => return self.local(e.to_reply(), meta).await,
+            },
+            None => None,
+        };
+        let budget = self.budget.clone();
+        let reply: Later = Box::pin(async move {
+            if let Some(rx) = verdict {
+                let (verdict, charged) = charged_reply(rx.await);
+                if reply::is_error(&verdict) {
+                    return (verdict, charged);
+                }
+                budget.release(charged);
+            }
+            reply.await
+        });
         let reply = match self.state.reply_mode {
             ReplyMode::On => reply,
             mode => {
@@ -1346,7 +1423,17 @@ impl Reader {
                 })
             }
         };
-        self.later(reply, meta).await
+        if !waits {
+            return self.later(reply, meta).await;
+        }
+        let (done, hold) = oneshot::channel();
+        self.hold = Some(hold);
+        let reply = Box::pin(async move {
+            let out = reply.await;
+            let _ = done.send(());
+            out
+        });
+        self.push(Slot::Waiting(reply, meta)).await
     }
 
     /// Sends a command where the session's commands go now.
@@ -1402,11 +1489,8 @@ impl Reader {
             // OFF and SKIP get no reply when Redis takes them, so its refusal is learned first:
             // RESP2 subscribed mode allows no CLIENT command, and ACL rules are checked by
             // `CLIENT REPLY ON` on the shared connection (a no-op there).
-            if self.state.proto == Proto::Resp2
-                && (!self.state.channels.is_empty() || !self.state.patterns.is_empty() || !self.state.shards.is_empty())
-            {
-                let msg = "ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context";
-                return self.local(encode::error(msg), meta).await;
+            if self.state.resp2_subscribed() {
+                return self.local(subscribed_refusal("client|reply"), meta).await;
             }
             let probe = [cmd.args[0].clone(), cmd.args[1].clone(), Bytes::from_static(b"ON")];
             let verdict = self.pool_verdict(&probe).await?;
@@ -2045,26 +2129,8 @@ impl Writer {
                         self.record(Some(*meta));
                     }
                 }
-                Slot::Later(fut, meta) => {
-                    let (bytes, charged) = {
-                        let mut fut = fut;
-                        match futures_poll_once(&mut fut) {
-                            Some(r) => r,
-                            None => {
-                                self.flush().await?;
-                                tokio::select! {
-                                    biased;
-                                    _ = self.kill.raised() => return Err(Closed),
-                                    r = fut => r,
-                                }
-                            }
-                        }
-                    };
-                    self.budget.release(charged);
-                    self.out.extend_from_slice(&bytes);
-                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
-                    self.record(Some(meta));
-                }
+                Slot::Later(fut, meta) => self.later(fut, meta, false).await?,
+                Slot::Waiting(fut, meta) => self.later(fut, meta, true).await?,
                 Slot::Pinned { count, skip, tail, strip, meta, mut report, monitor, guard, pubsub } => {
                     let count = match pubsub {
                         Some(PubSubCmd::Subscription { kind, all: true }) if count > 0 => {
@@ -2143,6 +2209,34 @@ impl Writer {
                 self.flush().await?;
             }
         }
+    }
+
+    /// Writes a computed reply once it resolves. While a client waits (`passable`), nothing
+    /// else is in flight on its dedicated connection: what arrives there meanwhile is a
+    /// message or a push, written at once, as Redis writes them to a blocked client.
+    async fn later(&mut self, mut fut: Later, meta: Meta, passable: bool) -> Result<(), Closed> {
+        let (bytes, charged) = match futures_poll_once(&mut fut) {
+            Some(r) => r,
+            None => {
+                self.flush().await?;
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = self.kill.raised() => return Err(Closed),
+                        r = &mut fut => break r,
+                        frame = recv_pinned(&mut self.pinned), if passable => {
+                            self.pinned_frame(frame)?;
+                            self.flush().await?;
+                        }
+                    }
+                }
+            }
+        };
+        self.budget.release(charged);
+        self.out.extend_from_slice(&bytes);
+        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+        self.record(Some(meta));
+        Ok(())
     }
 
     fn pinned_frame(&mut self, frame: Option<PinnedFrame>) -> Result<(), Closed> {
@@ -2226,6 +2320,23 @@ fn futures_poll_once(fut: &mut Later) -> Option<(Bytes, usize)> {
         std::task::Poll::Ready(r) => Some(r),
         std::task::Poll::Pending => None,
     }
+}
+
+/// Ends when the reply a client waits for is written, or can no longer be.
+async fn held(hold: &mut Option<oneshot::Receiver<()>>) {
+    match hold {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Redis's refusal of a command in RESP2 subscribed mode.
+fn subscribed_refusal(name: &str) -> Bytes {
+    encode::error(&format!(
+        "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+    ))
 }
 
 async fn recv_pinned(rx: &mut Option<mpsc::Receiver<PinnedFrame>>) -> Option<PinnedFrame> {

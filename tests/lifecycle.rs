@@ -104,6 +104,8 @@ async fn upstream_killed_gives_quick_errors_then_recovers() {
     for _ in 0..5 {
         let reply = c.cmd(&["GET", "k"]).await;
         assert!(reply.starts_with(b"-ERR sidecache: upstream"), "{reply:?}");
+        let text = String::from_utf8_lossy(&reply);
+        assert_eq!(text.matches("upstream").count(), 1, "one cause, said once: {text:?}");
     }
     let p = &proxy;
     eventually("readyz to turn 503", || async move { p.http_get("/readyz").await.0 == 503 }).await;

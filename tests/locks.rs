@@ -598,3 +598,173 @@ async fn serial_counters_get_the_ttl_policy_default() {
     let ms: i64 = std::str::from_utf8(&ttl[1..ttl.len() - 2]).unwrap().parse().unwrap();
     assert!(ms > 3_500_000 && ms <= 3_600_000, "the counter got the serial: rule's 1h default: {ms} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_named_with_another_lock_leaves_its_own_lock_tied_to_the_connection() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    // KEEPALIVE keeps renewing after a release and an extend that name another lock.
+    let mut a = proxy.client().await;
+    let (token, fence) = acquired(&a.cmd(&["LOCK.ACQUIRE", "kept", "300", "KEEPALIVE"]).await).unwrap();
+    assert_eq!(a.cmd(&["LOCK.RELEASE", "elsewhere", &token]).await, b(":0\r\n"));
+    assert_eq!(a.cmd(&["LOCK.EXTEND", "elsewhere", &token, "300"]).await, b(":0\r\n"));
+    tokio::time::sleep(Duration::from_millis(1000)).await; // more than three leases
+    let info = a.cmd(&["LOCK.INFO", "kept"]).await;
+    assert!(info.starts_with(format!("*4\r\n$5\r\nfence\r\n:{fence}\r\n").as_bytes()), "renewal stopped: {info:?}");
+    // Its connection closing still releases it.
+    let mut b_ = proxy.client().await;
+    let (token2, _) = acquired(&b_.cmd(&["LOCK.ACQUIRE", "tied", "60000"]).await).unwrap();
+    assert_eq!(b_.cmd(&["LOCK.EXTEND", "elsewhere", &token2, "1000"]).await, b(":0\r\n"));
+    drop(b_);
+    let addr = redis.addr();
+    eventually("the closed connection's lock is released", || {
+        let addr = addr.clone();
+        async move { Client::connect(&addr).await.cmd(&["EXISTS", "lock:tied"]).await == b(":0\r\n") }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pipelined_after_a_waiting_acquire_run_once_it_is_answered() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut holder = proxy.client().await;
+    let (token, _) = acquired(&holder.cmd(&["LOCK.ACQUIRE", "po", "60000"]).await).unwrap();
+
+    // As a blocking command holds a Redis client's pipeline, a waiting acquire holds the rest.
+    let mut c = proxy.client().await;
+    let before = evals(&redis).await;
+    let mut pipeline = encode(&[b"LOCK.ACQUIRE", b"po", b"10000", b"WAIT", b"10000"]);
+    pipeline.extend(encode(&[b"SET", b"po:data", b"written-under-the-lock"]));
+    pipeline.extend(encode(&[b"SERIAL.NEXT", b"po"]));
+    c.send_raw(&pipeline).await;
+    evals_above(&redis, before).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // room for a SET sent too early to run
+    assert_eq!(direct.cmd(&["GET", "po:data"]).await, b("$-1\r\n"), "the SET ran before the lock was taken");
+    assert_eq!(direct.cmd(&["EXISTS", "serial:po"]).await, b(":0\r\n"));
+    assert_eq!(holder.cmd(&["LOCK.RELEASE", "po", &token]).await, b(":1\r\n"));
+    let (token, _) = acquired(&c.read().await).expect("the waiter gets the lock");
+    assert_eq!(c.read().await, b("+OK\r\n"));
+    assert_eq!(c.read().await, b(":1\r\n"));
+    assert_eq!(direct.cmd(&["GET", "po:data"]).await, b("$22\r\nwritten-under-the-lock\r\n"));
+
+    // A wait that runs out lets the rest run after its nil, in order.
+    let mut late = proxy.client().await;
+    let mut pipeline = encode(&[b"LOCK.ACQUIRE", b"po", b"1000", b"WAIT", b"300"]);
+    pipeline.extend(encode(&[b"INCR", b"po:after"]));
+    late.send_raw(&pipeline).await;
+    assert_eq!(late.read().await, b("*-1\r\n"));
+    assert_eq!(late.read().await, b(":1\r\n"));
+
+    // A client that leaves while waiting: what it pipelined after never runs.
+    let mut gone = proxy.client().await;
+    let before = evals(&redis).await;
+    let mut pipeline = encode(&[b"LOCK.ACQUIRE", b"po", b"1000", b"WAIT", b"0"]);
+    pipeline.extend(encode(&[b"SET", b"po:gone", b"1"]));
+    gone.send_raw(&pipeline).await;
+    evals_above(&redis, before).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await; // room for the session to end
+    assert_eq!(c.cmd(&["LOCK.RELEASE", "po", &token]).await, b(":1\r\n"));
+    tokio::time::sleep(Duration::from_millis(200)).await; // room for a waiter left behind to take it
+    assert_eq!(direct.cmd(&["EXISTS", "lock:po", "po:gone"]).await, b(":0\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_reach_a_client_waiting_for_a_lock_and_resp2_subscribers_are_refused_as_redis_refuses() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let mut holder = proxy.client().await;
+    let (token, _) = acquired(&holder.cmd(&["LOCK.ACQUIRE", "sub", "60000"]).await).unwrap();
+
+    // RESP3: a message published while the client waits arrives at once, as for BLPOP.
+    let mut c = proxy.client().await;
+    c.cmd(&["HELLO", "3"]).await;
+    assert_eq!(c.cmd(&["SUBSCRIBE", "news"]).await, b(">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"));
+    let before = evals(&redis).await;
+    c.send(&[b"LOCK.ACQUIRE", b"sub", b"1000", b"WAIT", b"10000"]).await;
+    evals_above(&redis, before).await;
+    assert_eq!(direct.cmd(&["PUBLISH", "news", "hello"]).await, b(":1\r\n"));
+    assert_eq!(c.read().await, b(">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"));
+    assert_eq!(holder.cmd(&["LOCK.RELEASE", "sub", &token]).await, b(":1\r\n"));
+    assert!(acquired(&c.read().await).is_some());
+
+    // RESP2 subscribed mode: sidecache's commands are refused in Redis's words for its own.
+    let mut d2 = Client::connect(&redis.addr()).await;
+    let mut p2 = proxy.client().await;
+    for c in [&mut d2, &mut p2] {
+        c.cmd(&["SUBSCRIBE", "news"]).await;
+    }
+    let get = d2.cmd(&["GET", "k"]).await;
+    assert_eq!(p2.cmd(&["GET", "k"]).await, get);
+    for name in ["lock.acquire", "serial.next"] {
+        let args = if name == "serial.next" { vec![name, "s"] } else { vec![name, "s", "1000"] };
+        let expected = String::from_utf8_lossy(&get).replace("'get'", &format!("'{name}'"));
+        assert_eq!(p2.cmd(&args).await, b(&expected));
+    }
+    assert_eq!(direct.cmd(&["EXISTS", "serial:s"]).await, b(":0\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_commands_are_judged_by_the_clients_acl_user() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let users = [
+        ("noscript", "~* +@all -@scripting"),
+        ("appkeys", "~app:* +@all"),
+        ("readlocks", "~app:* %R~lock:* %R~serial:* +@all"),
+        ("full", "~* +@all"),
+    ];
+    for (user, rules) in users {
+        let mut args = vec!["ACL", "SETUSER", user, "on", ">pw"];
+        args.extend(rules.split(' '));
+        assert_eq!(direct.cmd(&args).await, b("+OK\r\n"));
+    }
+    for (user, _) in &users[..3] {
+        let mut c = proxy.client().await;
+        assert_eq!(c.cmd(&["AUTH", user, "pw"]).await, b("+OK\r\n"));
+        for args in [
+            &["LOCK.ACQUIRE", "acl", "60000"][..],
+            &["LOCK.INFO", "acl"],
+            &["LOCK.RELEASE", "acl", "t"],
+            &["SERIAL.NEXT", "acl"],
+        ] {
+            let reply = c.cmd(args).await;
+            assert!(reply.starts_with(b"-NOPERM "), "{user}: {args:?} answered {reply:?}");
+        }
+        // The same user on Redis may not run the scripts either.
+        let mut d = Client::connect(&redis.addr()).await;
+        d.cmd(&["AUTH", user, "pw"]).await;
+        assert!(d.cmd(&["EVAL", "return 0", "1", "lock:acl"]).await.starts_with(b"-NOPERM "));
+    }
+    assert_eq!(direct.cmd(&["EXISTS", "lock:acl", "serial:acl", "sidecache:lock:fence"]).await, b(":0\r\n"));
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["AUTH", "full", "pw"]).await, b("+OK\r\n"));
+    assert!(acquired(&c.cmd(&["LOCK.ACQUIRE", "acl", "60000"]).await).is_some());
+    assert_eq!(c.cmd(&["SERIAL.NEXT", "acl"]).await, b(":1\r\n"));
+}
+
+#[tokio::test]
+async fn legacy_locks_and_counters_set_by_others_answer_as_documented() {
+    let redis = RedisServer::start();
+    let proxy = process(&redis, "").await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    // A lock a legacy client took with SET NX: held, with no fence; no token of ours holds it.
+    assert_eq!(direct.cmd(&["SET", "lock:old", "someone", "NX", "PX", "60000"]).await, b("+OK\r\n"));
+    let info = c.cmd(&["LOCK.INFO", "old"]).await;
+    assert!(info.starts_with(b"*4\r\n$5\r\nfence\r\n:0\r\n$12\r\nremaining_ms\r\n:"), "{info:?}");
+    assert_eq!(c.cmd(&["LOCK.RELEASE", "old", "someone"]).await, b(":0\r\n"));
+    assert_eq!(c.cmd(&["LOCK.EXTEND", "old", "someone", "1000"]).await, b(":0\r\n"));
+    assert_eq!(c.cmd(&["LOCK.ACQUIRE", "old", "1000"]).await, b("*-1\r\n"));
+    assert_eq!(direct.cmd(&["GET", "lock:old"]).await, b("$7\r\nsomeone\r\n"));
+    // A counter someone set below zero counts on from there, as INCR would: this instance
+    // handed out no number of it, so nothing went backwards.
+    assert_eq!(direct.cmd(&["SET", "serial:neg", "-5"]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["SERIAL.NEXT", "neg"]).await, b(":-4\r\n"));
+    assert_eq!(c.cmd(&["SERIAL.NEXT", "neg", "COUNT", "2"]).await, b(":-2\r\n"));
+    assert_eq!(metric(proxy.admin, "sidecache_serial_regressions_total").await, 0.0);
+}

@@ -42,7 +42,8 @@ pub enum UpstreamError {
     #[error("upstream refused the handshake")]
     Rejected(Bytes),
     /// Waiting out the reconnect backoff after a failure.
-    #[error("upstream unavailable: {0} (reconnecting)")]
+    /// Holds the failure's own text, which says what was unavailable.
+    #[error("{0} (reconnecting)")]
     Backoff(String),
     /// The connection was lost with this command in flight.
     #[error("upstream connection lost")]
