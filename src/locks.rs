@@ -631,8 +631,15 @@ impl Locks {
     ///
     /// Only the first local waiter of a lock asks Redis; the others wait for their turn, so
     /// waiters on this instance are served in arrival order. An attempt without `WAIT` while
-    /// others wait here fails at once rather than overtake them.
-    async fn acquire(&self, name: &Bytes, token: &Bytes, lease_ms: i64, wait: Wait) -> Result<Option<i64>, LockError> {
+    /// others wait here fails at once rather than overtake them. The wait ends on time even
+    /// while Redis is slow to answer an attempt (see `attempt_until`).
+    async fn acquire(
+        self: &Arc<Self>,
+        name: &Bytes,
+        token: &Bytes,
+        lease_ms: i64,
+        wait: Wait,
+    ) -> Result<Option<i64>, LockError> {
         let deadline = match wait {
             Wait::No => {
                 if self.has_waiters(name) {
@@ -648,7 +655,10 @@ impl Locks {
             // None: only a wake-up (our turn) or the deadline ends this wait.
             let mut nap = None;
             if me.is_head() {
-                match self.try_acquire(name, token, lease_ms).await? {
+                let Some(attempt) = self.attempt_until(name, token, lease_ms, deadline).await? else {
+                    return Ok(None);
+                };
+                match attempt {
                     Ok(fence) => return Ok(Some(fence)),
                     // The holder's lease ends in `pttl` ms, at the latest: check then.
                     Err(pttl) if pttl > 0 => nap = Some(self.recheck.min(Duration::from_millis(pttl as u64 + 1))),
@@ -675,6 +685,37 @@ impl Locks {
                 _ = napping => {}
                 _ = until_deadline => return Ok(None),
                 _ = self.stopping.cancelled() => return Err(LockError::ShuttingDown),
+            }
+        }
+    }
+
+    /// One attempt that gives up at `deadline`: `None` then. Whether an attempt Redis has not
+    /// answered took the lock is unknown, so it is finished in the background and the lock
+    /// given back if it did.
+    async fn attempt_until(
+        self: &Arc<Self>,
+        name: &Bytes,
+        token: &Bytes,
+        lease_ms: i64,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Result<i64, i64>>, LockError> {
+        let Some(deadline) = deadline else {
+            return self.try_acquire(name, token, lease_ms).await.map(Some);
+        };
+        let (this, name, token) = (self.clone(), name.clone(), token.clone());
+        let mut attempt = Box::pin(async move {
+            let result = this.try_acquire(&name, &token, lease_ms).await;
+            (this, name, token, result)
+        });
+        tokio::select! {
+            (_, _, _, result) = &mut attempt => result.map(Some),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                tokio::spawn(async move {
+                    if let (this, name, token, Ok(Ok(_))) = attempt.await {
+                        let _ = this.release(&name, &token).await;
+                    }
+                });
+                Ok(None)
             }
         }
     }

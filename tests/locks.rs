@@ -768,3 +768,26 @@ async fn legacy_locks_and_counters_set_by_others_answer_as_documented() {
     assert_eq!(c.cmd(&["SERIAL.NEXT", "neg", "COUNT", "2"]).await, b(":-2\r\n"));
     assert_eq!(metric(proxy.admin, "sidecache_serial_regressions_total").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_ends_on_time_while_redis_does_not_answer_and_a_late_success_is_given_back() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await; // command_timeout: the default 10 s
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["LOCK.INFO", "stop"]).await, b("*-1\r\n")); // the lock connection is up
+    redis.signal(libc::SIGSTOP);
+    let start = Instant::now();
+    let reply = c.cmd(&["LOCK.ACQUIRE", "stop", "60000", "WAIT", "300"]).await;
+    let waited = start.elapsed();
+    redis.signal(libc::SIGCONT);
+    assert_eq!(reply, b("*-1\r\n"));
+    assert!(waited < Duration::from_secs(5), "WAIT 300 answered after {waited:?}, not when it ran out");
+    // Redis runs the attempt once it resumes; the lock it took is given back, not left to its lease.
+    // Three EVALs: LOCK.INFO, the attempt, and the release of what it took.
+    let r = &redis;
+    eventually("the late attempt's lock is given back", || async move {
+        evals(r).await >= 3 && Client::connect(&r.addr()).await.cmd(&["EXISTS", "lock:stop"]).await == b(":0\r\n")
+    })
+    .await;
+    assert!(acquired(&c.cmd(&["LOCK.ACQUIRE", "stop", "1000"]).await).is_some());
+}
