@@ -864,32 +864,33 @@ impl SessionLocks {
         SessionLocks { inner: Arc::new(SessionInner { locks, state: Mutex::new(SessionState::default()) }) }
     }
 
-    /// Parses a lock or serial command: an error reply at once, or the future of its reply and
-    /// whether it waits (`LOCK.ACQUIRE … WAIT`: like a blocking command, the client's next
-    /// commands must wait for it).
-    pub fn command(&self, cmd: &Command, proto: Proto) -> Result<(Reply, bool), Bytes> {
+    /// Parses a lock or serial command: an error reply at once, or the future of its reply.
+    pub fn command(&self, cmd: &Command, proto: Proto) -> Result<Reply, Bytes> {
         let parsed = LockCommand::parse(cmd.name(), &cmd.args, self.inner.locks.max_lease_ms)?;
-        let waits = matches!(parsed, LockCommand::Acquire { wait: Wait::For(_) | Wait::Forever, .. });
         let this = self.clone();
-        Ok((Box::pin(async move { (this.run(parsed, proto).await, 0) }), waits))
+        Ok(Box::pin(async move { (this.run(parsed, proto).await, 0) }))
     }
 
-    /// For a client logged in as another user than the scripts run as (the upstream URL's):
-    /// a no-op `EVAL` that declares the keys `cmd` uses, for Redis to judge that user by (the
-    /// session sends it on its own shared connection). `None` when the users are the same.
-    /// `cmd` parsed (its name is its first parameter).
-    pub fn acl_probe(&self, cmd: &Command, creds: Option<&Creds>) -> Option<Vec<Bytes>> {
+    /// The Redis keys a parsed `cmd` uses: the lock (and the fence counter, for an acquire),
+    /// or the serial counter.
+    pub fn keys(&self, cmd: &Command) -> Vec<Bytes> {
         let locks = &self.inner.locks;
-        if creds == locks.key.creds.as_ref() {
-            return None;
-        }
-        let name = cmd.args.get(1)?;
-        let keys = match cmd.name() {
+        let Some(name) = cmd.args.get(1) else { return Vec::new() };
+        match cmd.name() {
             b"LOCK.ACQUIRE" => vec![locks.lock_key(name), locks.fence_key.clone()],
             b"SERIAL.NEXT" => vec![concat(&locks.serial_prefix, name)],
             _ => vec![locks.lock_key(name)],
-        };
-        Some(eval("return 0", &keys, &[]))
+        }
+    }
+
+    /// For a client logged in as another user than the scripts run as (the upstream URL's):
+    /// a no-op `EVAL` that declares `keys`, for Redis to judge that user by (the session sends
+    /// it on its own shared connection). `None` when the users are the same.
+    pub fn acl_probe(&self, keys: &[Bytes], creds: Option<&Creds>) -> Option<Vec<Bytes>> {
+        if creds == self.inner.locks.key.creds.as_ref() {
+            return None;
+        }
+        Some(eval("return 0", keys, &[]))
     }
 
     async fn run(&self, cmd: LockCommand, proto: Proto) -> Bytes {

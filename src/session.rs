@@ -21,8 +21,8 @@
 //! - before commands move from one connection to the other, the reader waits (a barrier slot)
 //!   until every reply from the previous one is in: a session's commands reach Redis in order;
 //! - sidecache's own commands are answered by their modules (`cache::command`, `locks`); a
-//!   `LOCK.ACQUIRE … WAIT` holds the commands after it until it is answered, as Redis holds a
-//!   blocked client's pipeline.
+//!   lock command holds the commands after it until it is answered, so that they run after it
+//!   (and after a `LOCK.ACQUIRE … WAIT` as after a blocking command).
 //!
 //! `SELECT`, `AUTH` and `HELLO` move the session to another pool; the pool's handshake checks
 //! them first, so errors are Redis's own. Each is also sent to Redis on every use, and the
@@ -126,9 +126,10 @@ enum Slot {
     /// A reply that a feature module computes (near-cache fill, TTL policy, locks): the
     /// future yields the bytes to write and how many budget bytes they were charged.
     Later(Later, Meta),
-    /// A reply the client waits for as for a blocking command's (`LOCK.ACQUIRE … WAIT`): the
-    /// reader sends nothing more until it resolves, so the dedicated connection's messages and
-    /// pushes, which Redis delivers to a blocked client, may pass it.
+    /// A reply the client waits for before its next commands run (a lock command, which may
+    /// wait like a blocking command): the reader sends nothing more until it resolves, so the
+    /// dedicated connection's messages and pushes, which Redis delivers to a blocked client,
+    /// may pass it.
     Waiting(Later, Meta),
     /// `count` frames coming from the dedicated connection; the first `skip` and the last
     /// `tail` are sidecache's own and not shown; the first shown one is also sent to `report`.
@@ -389,9 +390,9 @@ struct Reader {
     multi_guard: Option<WriteGuard>,
     /// Locks this connection holds (`LOCK.*`).
     locks: crate::locks::SessionLocks,
-    /// Ends when the command the client waits for (`LOCK.ACQUIRE … WAIT`) is answered. Until
-    /// then the commands after it are not run, as Redis runs nothing more of a blocked
-    /// client's pipeline; the socket is still read, to notice a client that disconnects.
+    /// Ends when the command the client waits for (a lock command) is answered. Until then the
+    /// commands after it are not run, as Redis runs nothing more of a blocked client's
+    /// pipeline; the socket is still read, to notice a client that disconnects.
     hold: Option<oneshot::Receiver<()>>,
     /// The policy for the commands of the current read.
     policy: Arc<crate::server::Policy>,
@@ -1376,8 +1377,9 @@ impl Reader {
 
     /// Sends a command where the session's commands go now, as the TTL policy plans it.
     /// `LOCK.*` and `SERIAL.NEXT` (see `locks`): argument errors at once, the rest when its
-    /// turn comes. A `LOCK.ACQUIRE … WAIT` holds the client's next commands until it is
-    /// answered, as a blocking command does on Redis.
+    /// turn comes. Their scripts run on the lock service's own connection, so the client's
+    /// next commands are held until the reply is in: they run after it in Redis, as they would
+    /// on one connection (and after a `LOCK.ACQUIRE … WAIT`, as after a blocking command).
     ///
     /// The scripts run as the upstream URL's user. A client logged in as another user gets
     /// Redis's verdict on that user first: `EVAL` of a no-op script that declares the
@@ -1388,19 +1390,27 @@ impl Reader {
             let msg = format!("ERR '{}' cannot be used inside MULTI", cmd.display_name());
             return self.local(encode::error(&msg), meta).await;
         }
-        let (reply, waits) = match self.locks.command(cmd, self.state.proto) {
-            Ok(parsed) => parsed,
+        let reply = match self.locks.command(cmd, self.state.proto) {
+            Ok(reply) => reply,
             Err(e) => return self.local(e, meta).await,
         };
-        let verdict = match self.locks.acl_probe(cmd, self.state.creds.as_ref()) {
+        let keys = self.locks.keys(cmd);
+        let verdict = match self.locks.acl_probe(&keys, self.state.creds.as_ref()) {
             Some(probe) => match self.queue_pooled(&probe).await? {
                 Ok(rx) => Some(rx),
                 Err(e) => return self.local(e.to_reply(), meta).await,
             },
             None => None,
         };
+        // Its writes are a client's writes like any other: a near-cache that covers the keys
+        // must not answer them from memory, to this client or others, once it is answered.
+        let guard = match (&self.ctx.cache, cmd.name()) {
+            (Some(cache), name) if name != b"LOCK.INFO" => cache.begin_keys(keys),
+            _ => None,
+        };
         let budget = self.budget.clone();
         let reply: Later = Box::pin(async move {
+            let _guard = guard;
             if let Some(rx) = verdict {
                 let (verdict, charged) = charged_reply(rx.await);
                 if reply::is_error(&verdict) {
@@ -1423,9 +1433,6 @@ impl Reader {
                 })
             }
         };
-        if !waits {
-            return self.later(reply, meta).await;
-        }
         let (done, hold) = oneshot::channel();
         self.hold = Some(hold);
         let reply = Box::pin(async move {

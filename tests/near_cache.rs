@@ -928,3 +928,139 @@ async fn subcommand_writes_and_pfcount_are_seen_by_the_next_pipelined_read() {
         assert_ne!(after, before, "PFCOUNT rewrote the cached cardinality");
     }
 }
+
+/// Waits until a client of `p` reads `want` for `key`, through any errors on the way.
+async fn reads(c: &mut Client, key: &str, want: &Bytes, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = c.cmd(&["GET", key]).await;
+        if got == *want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still served {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_address_leads_to_another_redis_the_link_follows_the_data() {
+    let first = RedisServer::start();
+    let second = RedisServer::start();
+    let relay = Relay::start(first.port).await;
+    let a = start_cached(&relay.url(), "master:").await;
+    let mut d1 = Client::connect(&first.addr()).await;
+    let mut d2 = Client::connect(&second.addr()).await;
+    d1.cmd(&["SET", "master:k", "on-first"]).await;
+    d2.cmd(&["SET", "master:k", "on-second"]).await;
+    let mut c = a.client().await;
+    assert_eq!(c.cmd(&["GET", "master:k"]).await, bulk("on-first"));
+    // A moved virtual IP: new connections reach the second Redis, the link stays on the first.
+    relay.redirect(second.port);
+    relay.cut_data();
+    reads(&mut c, "master:k", &bulk("on-second"), "after the move, with only cache hits asked").await;
+    wait_coherent(&a).await;
+    assert_eq!(stats(&mut c).await["coherence"], "tracking");
+    // Cached again, from the second Redis, and its writes invalidate.
+    assert_eq!(c.cmd(&["GET", "master:k"]).await, bulk("on-second"));
+    d2.cmd(&["SET", "master:k", "second-new"]).await;
+    converges(&mut c, "master:k", &bulk("second-new"), "a write on the second Redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_while_an_instances_link_is_down_are_announced_when_it_is_back() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let pubsub = |url: &str| {
+        let mut cfg = test_config(url);
+        cached(&mut cfg, "master:");
+        cfg.near_cache.coherence = CoherenceMode::Pubsub;
+        // Far beyond the test: only an announcement can end a stale entry.
+        cfg.near_cache.pubsub_max_ttl = Duration::from_secs(300);
+        cfg
+    };
+    let a = Proxy::start_config(pubsub(&relay.url())).await;
+    let other = Proxy::start_config(pubsub(&redis.url())).await;
+    wait_coherent(&a).await;
+    wait_coherent(&other).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    direct.cmd(&["SET", "master:k", "old"]).await;
+    let mut cb = other.client().await;
+    assert_eq!(cb.cmd(&["GET", "master:k"]).await, bulk("old"));
+    // A's link goes silent: its heartbeat fails and it cannot come back while muted.
+    relay.mute_link(true);
+    let mut ca = a.client().await;
+    eventually("A's coherence down", || {
+        let a = &a;
+        async move { stats(&mut a.client().await).await["coherence"] == "down" }
+    })
+    .await;
+    assert_eq!(ca.cmd(&["SET", "master:k", "new"]).await, b("+OK\r\n"));
+    assert_eq!(cb.cmd(&["GET", "master:k"]).await, bulk("old"), "B heard nothing yet");
+    relay.mute_link(false);
+    reads(&mut cb, "master:k", &bulk("new"), "B, once A's link is back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_heartbeat_is_noticed_when_it_is_due_not_at_the_next_tick() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let mut cfg = test_config(&relay.url());
+    cached(&mut cfg, "master:");
+    cfg.near_cache.heartbeat = Duration::from_millis(400);
+    cfg.near_cache.heartbeat_timeout = Duration::from_millis(450);
+    let a = Proxy::start_config(cfg).await;
+    wait_coherent(&a).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    let keys = direct.cmd(&["KEYS", "__sidecache:probe:*"]).await;
+    let text = String::from_utf8_lossy(&keys).to_string();
+    let probe = text.lines().nth(2).unwrap_or_else(|| panic!("the probe key in {text:?}")).to_string();
+    relay.mute_link(true);
+    // Each probe resets the key's TTL to 60 s: a rise in PTTL shows when one was sent.
+    let mut c = a.client().await;
+    let (mut last_pttl, mut last_probe) = (i64::MAX, Instant::now());
+    let deadline = Instant::now() + PATIENCE;
+    let down = loop {
+        let reply = direct.cmd(&["PTTL", &probe]).await;
+        let pttl: i64 = String::from_utf8_lossy(&reply[1..reply.len() - 2]).parse().unwrap();
+        let now = Instant::now();
+        if pttl > last_pttl {
+            last_probe = now;
+        }
+        last_pttl = pttl;
+        if stats(&mut c).await["coherence"] == "down" {
+            break now;
+        }
+        assert!(now < deadline, "the muted link was never declared down");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Due 450 ms after the probe; the tick that would notice it otherwise comes 800 ms after.
+    let after = down - last_probe;
+    assert!(after < Duration::from_millis(650), "down {after:?} after the unanswered probe (timeout 450 ms)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_serial_writes_are_read_back_through_a_rule_that_covers_their_keys() {
+    let redis = RedisServer::start();
+    let a = start_cached(&redis.url(), "").await;
+    let mut c = a.client().await;
+    assert_eq!(c.cmd(&["GET", "serial:inv"]).await, b("$-1\r\n"));
+    assert_eq!(c.cmd(&["EXISTS", "lock:L"]).await, b(":0\r\n"));
+    for round in 1..=3 {
+        let mut pipeline = encode(&[b"SERIAL.NEXT", b"inv"]);
+        pipeline.extend(encode(&[b"GET", b"serial:inv"]));
+        pipeline.extend(encode(&[b"LOCK.ACQUIRE", b"L", b"10000"]));
+        pipeline.extend(encode(&[b"EXISTS", b"lock:L"]));
+        c.send_raw(&pipeline).await;
+        assert_eq!(c.read().await, b(&format!(":{round}\r\n")));
+        assert_eq!(c.read().await, bulk(&round.to_string()), "round {round}: the counter's old value");
+        let lock = c.read().await;
+        assert!(lock.starts_with(b"*2\r\n$32\r\n"), "{lock:?}");
+        assert_eq!(c.read().await, b(":1\r\n"), "round {round}: the lock read as free");
+        let token = String::from_utf8_lossy(&lock[9..41]).to_string();
+        let mut pipeline = encode(&[b"LOCK.RELEASE", b"L", token.as_bytes()]);
+        pipeline.extend(encode(&[b"EXISTS", b"lock:L"]));
+        c.send_raw(&pipeline).await;
+        assert_eq!(c.read().await, b(":1\r\n"));
+        assert_eq!(c.read().await, b(":0\r\n"), "round {round}: the released lock read as held");
+    }
+}

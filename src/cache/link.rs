@@ -12,8 +12,13 @@
 //!
 //! The heartbeat is a probe through the invalidation path itself: in tracking mode the link
 //! writes a key under its own tracked prefix and expects the invalidation back; in pub/sub mode
-//! it publishes a probe message and expects to receive it. The time from the probe's
-//! acknowledgement to its invalidation is the exported invalidation lag.
+//! it publishes a probe message and expects to receive it, within `heartbeat_timeout` of
+//! sending it. The time from the probe's acknowledgement to its invalidation is the exported
+//! invalidation lag.
+//!
+//! A shared data connection opened again after a failure ends the link too (`Upstream::
+//! reconnected`): the address may now lead to another server, and the link reconnects so that
+//! invalidations come from the server the data comes from.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,6 +115,14 @@ async fn session(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Bytes) -> 
     }
 }
 
+/// Ends at `at`, or never.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn session_inner(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Bytes) -> Result<(), String> {
     let cfg = cache.config.clone();
     let initial = upstream.initial_key();
@@ -197,12 +210,16 @@ async fn session_inner(cache: &Arc<NearCache>, upstream: &Upstream, probe: &Byte
         m.freeze()
     };
     loop {
+        let missed_at = outstanding.map(|(sent, _)| sent + cfg.heartbeat_timeout);
         tokio::select! {
+            _ = until(missed_at) => {
+                return Err(format!("invalidation link: heartbeat missed for {:?}", cfg.heartbeat_timeout));
+            }
+            _ = upstream.reconnected() => {
+                return Err("a shared upstream connection was opened again; the invalidation link follows it".into());
+            }
             _ = heartbeat.tick() => {
                 match outstanding {
-                    Some((sent, _)) if sent.elapsed() > cfg.heartbeat_timeout => {
-                        return Err(format!("invalidation link: heartbeat missed for {:?}", cfg.heartbeat_timeout));
-                    }
                     Some(_) => {}
                     None => {
                         if mode == CoherenceMode::Tracking {

@@ -15,7 +15,9 @@
 //!    flushed and reads bypass the cache until the link is back (`link`).
 //! 4. Invalidations name keys, not databases: a key is dropped for every database and user.
 //! 5. Every entry expires at the earliest of the rule's max TTL and the key's own TTL in Redis
-//!    (`PTTL`, read with the fill).
+//!    (`PTTL`, read with the fill), both counted from the lookup, which comes before Redis read
+//!    the TTL, less a millisecond for `PTTL`'s rounding; a key in its last millisecond is not
+//!    stored.
 //!
 //! Concurrent misses of one (user, database, protocol, key, view) share one upstream read: the
 //! first is the *leader* and later ones wait for its reply. Does not own: the invalidation link
@@ -199,6 +201,18 @@ pub enum Announce {
     All,
 }
 
+/// Announcements kept while the link is down, at most this many keys (then: flush everything).
+const MAX_PENDING_KEYS: usize = 10_000;
+
+/// Where announcements go: the link's queue, or, while it is down, a list it sends first when
+/// it is back (writes through this instance go on while its link reconnects).
+#[derive(Default)]
+struct Announcer {
+    link: Option<mpsc::UnboundedSender<Announce>>,
+    pending: Vec<Announce>,
+    pending_keys: usize,
+}
+
 /// The near-cache shared by every session.
 pub struct NearCache {
     rules: Arc<[Rule]>,
@@ -217,7 +231,11 @@ pub struct NearCache {
     pubsub_max_ttl: Duration,
     metrics: CacheMetrics,
     totals: Totals,
-    announce: Mutex<Option<mpsc::UnboundedSender<Announce>>>,
+    announce: Mutex<Announcer>,
+    /// Whether written keys are announced: in pub/sub mode, the last one established (and,
+    /// before any, unless tracking is configured), so that writes while the link is down
+    /// are announced once it is back.
+    announce_keys: AtomicBool,
     /// The configuration it was built from (the link reads its settings).
     pub config: NearCacheConfig,
 }
@@ -245,6 +263,8 @@ pub struct Fill {
     flight: Arc<Flight>,
     rule: u16,
     shape: Shape,
+    /// When the miss was looked up: before Redis read the key's TTL.
+    looked_up: Instant,
     done: bool,
 }
 
@@ -286,7 +306,8 @@ impl NearCache {
             pubsub_max_ttl: config.pubsub_max_ttl,
             metrics: CacheMetrics::new(),
             totals: Totals::default(),
-            announce: Mutex::new(None),
+            announce: Mutex::new(Announcer::default()),
+            announce_keys: AtomicBool::new(config.coherence != CoherenceMode::Tracking),
             config: config.clone(),
         })
     }
@@ -386,6 +407,7 @@ impl NearCache {
             flight,
             rule,
             shape: read.shape,
+            looked_up: Instant::now(),
             done: false,
         };
         Lookup::Lead(fill)
@@ -434,6 +456,7 @@ impl NearCache {
             _ => 2,
         };
         self.mode.store(m, Ordering::Relaxed);
+        self.announce_keys.store(m == 2, Ordering::Relaxed);
         self.metrics.mode[0].set(if m == 1 { 1.0 } else { 0.0 });
         self.metrics.mode[1].set(if m == 2 { 1.0 } else { 0.0 });
         self.up.store(true, Ordering::Release);
@@ -460,14 +483,35 @@ impl NearCache {
         self.metrics.lag.record(lag.as_secs_f64());
     }
 
-    /// Where writes are announced to other instances (pub/sub mode), or `None`.
+    /// Where writes are announced to other instances, or `None` while the link is down: they
+    /// are kept until it is back, then sent first.
     pub fn set_announcer(&self, tx: Option<mpsc::UnboundedSender<Announce>>) {
-        *self.announce.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+        let mut a = self.announce.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = &tx {
+            for what in a.pending.drain(..) {
+                let _ = tx.send(what);
+            }
+            a.pending_keys = 0;
+        }
+        a.link = tx;
     }
 
     fn announce(&self, what: Announce) {
-        if let Some(tx) = &*self.announce.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = tx.send(what);
+        let mut a = self.announce.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = &a.link
+            && tx.send(what.clone()).is_ok()
+        {
+            return;
+        }
+        a.pending_keys += match &what {
+            Announce::Keys(keys) => keys.len(),
+            Announce::All => 0,
+        };
+        if matches!(what, Announce::All) || a.pending_keys > MAX_PENDING_KEYS {
+            a.pending = vec![Announce::All];
+            a.pending_keys = 0;
+        } else if !matches!(a.pending.first(), Some(Announce::All)) {
+            a.pending.push(what);
         }
     }
 
@@ -477,6 +521,11 @@ impl NearCache {
     pub fn begin_write(self: &Arc<Self>, cmd: &crate::command::Command) -> Option<WriteGuard> {
         let written = self.table.load().written(cmd);
         self.begin(written)
+    }
+
+    /// `begin_write` for a write sidecache makes itself (locks, serial counters) on `keys`.
+    pub fn begin_keys(self: &Arc<Self>, keys: Vec<Bytes>) -> Option<WriteGuard> {
+        self.begin(Written::Keys(keys))
     }
 
     fn begin(self: &Arc<Self>, written: Written) -> Option<WriteGuard> {
@@ -498,6 +547,21 @@ impl NearCache {
                 self.flush();
                 Some(WriteGuard { cache: self.clone(), keys: Vec::new(), all: true })
             }
+        }
+    }
+
+    /// How long an entry of `rule` may live, from its lookup, for a key whose `PTTL` was
+    /// `key_ttl` (-1: none; -2: no key, and the reply says so); `None`: not worth storing.
+    /// `PTTL` rounds down, so the key may end up to a millisecond before `key_ttl`.
+    fn entry_ttl(&self, rule: u16, key_ttl: i64) -> Option<Duration> {
+        let mut ttl = self.rules[rule as usize].max_ttl;
+        if self.mode() == Some(CoherenceMode::Pubsub) {
+            ttl = ttl.min(self.pubsub_max_ttl);
+        }
+        match key_ttl {
+            0 | 1 => None,
+            t if t > 1 => Some(ttl.min(Duration::from_millis(t as u64 - 1))),
+            _ => Some(ttl),
         }
     }
 
@@ -600,7 +664,7 @@ impl Drop for WriteGuard {
             cache.flush();
             cache.writing_all.fetch_sub(1, Ordering::AcqRel);
             cache.announce(Announce::All);
-        } else if !self.keys.is_empty() && cache.mode() == Some(CoherenceMode::Pubsub) {
+        } else if !self.keys.is_empty() && cache.announce_keys.load(Ordering::Relaxed) {
             // Redis's tracking invalidates written keys itself.
             cache.announce(Announce::Keys(std::mem::take(&mut self.keys)));
         }
@@ -636,16 +700,11 @@ impl Fill {
             let valid = stripe.generation.load(Ordering::Acquire) == self.generation
                 && cache.epoch.load(Ordering::Acquire) == self.epoch
                 && cache.is_up();
-            if let (true, Some(stored), Some(key_ttl)) = (valid, stored, key_ttl) {
-                let rule = &cache.rules[self.rule as usize];
-                let mut ttl = rule.max_ttl;
-                if cache.mode() == Some(CoherenceMode::Pubsub) {
-                    ttl = ttl.min(cache.pubsub_max_ttl);
-                }
-                if key_ttl > 0 {
-                    ttl = ttl.min(Duration::from_millis(key_ttl as u64));
-                }
-                let now = Instant::now();
+            let expires = key_ttl.and_then(|t| cache.entry_ttl(self.rule, t)).map(|ttl| self.looked_up + ttl);
+            let now = Instant::now();
+            if let (true, Some(stored), Some(expires)) = (valid, stored, expires)
+                && expires > now
+            {
                 let item = Item {
                     user: self.fkey.who.user.clone(),
                     db: self.fkey.who.db,
@@ -654,7 +713,7 @@ impl Fill {
                     view: Bytes::copy_from_slice(&self.fkey.view),
                     rule: self.rule,
                     stored,
-                    expires: now + ttl,
+                    expires,
                 };
                 let key = Bytes::copy_from_slice(&self.fkey.key);
                 let mut items = Vec::new();
@@ -718,4 +777,57 @@ pub fn encode_pairs(pairs: &[(String, String)], proto: Proto) -> Bytes {
         }
     }
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Arc<NearCache> {
+        let mut config = NearCacheConfig::default();
+        config.rules =
+            vec![crate::config::CacheRuleConfig { name: "m".into(), prefix: "m:".into(), db: None, max_ttl: None }];
+        let cache = NearCache::new(&config);
+        cache.set_up(CoherenceMode::Tracking, CommandTable::default());
+        cache
+    }
+
+    fn who() -> Who {
+        Who { user: Bytes::new(), db: 0, proto: Proto::Resp2 }
+    }
+
+    fn read(key: &str) -> Read {
+        Read {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            view: Bytes::from_static(b"GET"),
+            shape: Shape::Scalar,
+            hit_also: None,
+        }
+    }
+
+    /// Fills `key` with a reply whose `PTTL` was `pttl`; returns the time left of the entry.
+    fn fill(cache: &Arc<NearCache>, key: &str, pttl: &str) -> Option<u64> {
+        let Lookup::Lead(f) = cache.lookup(&who(), &read(key)) else { panic!("{key}: not a miss") };
+        f.complete(&Bytes::from_static(b"$1\r\nv\r\n"), Some(&Bytes::copy_from_slice(pttl.as_bytes())));
+        cache.info(&who(), key.as_bytes()).first().map(|(_, _, left)| *left)
+    }
+
+    #[test]
+    fn an_entry_never_outlives_the_keys_ttl_in_redis() {
+        let cache = cache();
+        // In its last millisecond (PTTL rounds down), a key is not worth storing.
+        assert_eq!(fill(&cache, "m:last", ":0\r\n"), None);
+        assert_eq!(fill(&cache, "m:one", ":1\r\n"), None);
+        // Else the entry ends a millisecond before the TTL, counted from the lookup.
+        let left = fill(&cache, "m:short", ":150\r\n").expect("stored");
+        assert!(left <= 149, "{left} ms left of a key with 150 ms");
+        let left = fill(&cache, "m:none", ":-1\r\n").expect("stored");
+        assert!(left > 149 && left <= cache.config.max_ttl.as_millis() as u64, "{left} ms");
+        // A slow reply: its TTL was read when it was sent, not when it arrived.
+        let Lookup::Lead(f) = cache.lookup(&who(), &read("m:slow")) else { panic!("not a miss") };
+        std::thread::sleep(Duration::from_millis(60));
+        f.complete(&Bytes::from_static(b"$1\r\nv\r\n"), Some(&Bytes::from_static(b":100\r\n")));
+        let left = cache.info(&who(), b"m:slow").first().map(|(_, _, left)| *left).expect("stored");
+        assert!(left <= 40, "{left} ms left after a 60 ms wait for a 100 ms TTL");
+    }
 }

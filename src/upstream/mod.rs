@@ -206,6 +206,10 @@ pub struct Upstream {
     pools: DashMap<PoolKey, Arc<Pool>>,
     up: AtomicBool,
     down_reason: std::sync::Mutex<String>,
+    /// Woken when a shared connection is opened again after its predecessor failed: the
+    /// address may now lead to another server (a moved DNS name or virtual IP), which the
+    /// near-cache's invalidation link must follow.
+    reconnected: tokio::sync::Notify,
 }
 
 impl Upstream {
@@ -226,7 +230,13 @@ impl Upstream {
             pools: DashMap::new(),
             up: AtomicBool::new(false),
             down_reason: std::sync::Mutex::new("no health check has completed yet".into()),
+            reconnected: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Ends when a shared connection is next opened again after a failure.
+    pub async fn reconnected(&self) {
+        self.reconnected.notified().await
     }
 
     /// Where Redis is.
@@ -275,6 +285,7 @@ impl Upstream {
     pub async fn connection(&self, pool: &Pool, session: u64) -> Result<MuxHandle, UpstreamError> {
         let slot = &pool.slots[(session % pool.slots.len() as u64) as usize];
         let mut state = slot.lock().await;
+        let again = !matches!(&*state, SlotState::Empty);
         let failures = match &*state {
             SlotState::Up(h) if h.is_alive() => return Ok(h.clone()),
             // Redis's own refusal is repeated as is; a transport failure says it is waiting.
@@ -292,6 +303,9 @@ impl Upstream {
             Ok((stream, reader)) => {
                 let h = MuxHandle::spawn(stream, reader, self.endpoint.command_timeout);
                 *state = SlotState::Up(h.clone());
+                if again {
+                    self.reconnected.notify_waiters();
+                }
                 Ok(h)
             }
             Err(e) => {
@@ -407,15 +421,21 @@ impl Upstream {
         Metrics::get().upstream_up.set(if up { 1.0 } else { 0.0 });
     }
 
-    /// Pings Redis every `interval` on a connection of its own until `stop` fires.
+    /// Pings Redis every `interval` on a connection of its own until `stop` fires. Opening that
+    /// connection again after a failure counts as a reconnect (`reconnected`), so that a
+    /// moved address is noticed even while no client command needs a shared connection.
     pub async fn health_loop(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         let ping = encode::command_bytes(&["PING"]);
         let mut conn: Option<(tokio::net::TcpStream, conn::FrameReader)> = None;
+        let mut failed = false;
         loop {
             let check = async {
                 if conn.is_none() {
                     let hs = Handshake { creds: self.default_creds.clone(), db: 0, proto: Proto::Resp2, name: None };
                     conn = Some(conn::open(&self.endpoint, &hs).await.map_err(|e| e.to_string())?);
+                    if std::mem::take(&mut failed) {
+                        self.reconnected.notify_waiters();
+                    }
                 }
                 let (stream, reader) = conn.as_mut().ok_or("no connection")?;
                 tokio::io::AsyncWriteExt::write_all(stream, &ping).await.map_err(|e| e.to_string())?;
@@ -431,6 +451,7 @@ impl Upstream {
             };
             if result.is_err() {
                 conn = None;
+                failed = true;
             }
             self.set_health(result);
             tokio::select! {

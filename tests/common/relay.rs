@@ -6,10 +6,13 @@
 //! - hold back what Redis sends on the link while data connections keep flowing, so an
 //!   invalidation arrives late but intact (`hold_link`);
 //! - drop what Redis sends on the link, so invalidations are lost while the link stays
-//!   connected and the cache goes genuinely stale until the heartbeat times out (`mute_link`).
+//!   connected and the cache goes genuinely stale until the heartbeat times out (`mute_link`);
+//! - send new connections to another Redis and close the data connections while the link
+//!   stays connected to the first, as a moved DNS name or virtual IP does (`redirect`,
+//!   `cut_data`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,11 +35,16 @@ impl Faults {
     }
 }
 
+/// One relayed connection: whether it is the link, and its two pumps.
+type Relayed = (Arc<AtomicBool>, tokio::task::AbortHandle, tokio::task::AbortHandle);
+
 /// A running relay; stops accepting when dropped.
 pub struct Relay {
     pub port: u16,
     faults: watch::Sender<Faults>,
     task: tokio::task::JoinHandle<()>,
+    target: Arc<AtomicU16>,
+    conns: Arc<Mutex<Vec<Relayed>>>,
 }
 
 impl Relay {
@@ -46,16 +54,19 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let (faults, _) = watch::channel(Faults::default());
         let all = faults.clone();
+        let target = Arc::new(AtomicU16::new(upstream_port));
+        let conns: Arc<Mutex<Vec<Relayed>>> = Arc::default();
+        let (to, registry) = (target.clone(), conns.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to.load(Ordering::SeqCst))).await else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let is_link = Arc::new(AtomicBool::new(false));
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
                 let seen = is_link.clone();
-                tokio::spawn(async move {
+                let up = tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
                         let n = match cr.read(&mut buf).await {
@@ -71,7 +82,8 @@ impl Relay {
                     }
                 });
                 let mut faults = all.subscribe();
-                tokio::spawn(async move {
+                let link = is_link.clone();
+                let down = tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
                         let n = match sr.read(&mut buf).await {
@@ -92,9 +104,25 @@ impl Relay {
                         }
                     }
                 });
+                registry.lock().unwrap().push((link, up.abort_handle(), down.abort_handle()));
             }
         });
-        Relay { port, faults, task }
+        Relay { port, faults, task, target, conns }
+    }
+
+    /// New connections go to the Redis at `port` from now on.
+    pub fn redirect(&self, port: u16) {
+        self.target.store(port, Ordering::SeqCst);
+    }
+
+    /// Closes every connection but the invalidation link.
+    pub fn cut_data(&self) {
+        for (link, up, down) in self.conns.lock().unwrap().iter() {
+            if !link.load(Ordering::SeqCst) {
+                up.abort();
+                down.abort();
+            }
+        }
     }
 
     /// Holds back (true) or releases (false) replies on data connections.
