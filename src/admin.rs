@@ -35,13 +35,17 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 fn route(req: &Request<Incoming>, ctx: &Context, prom: &PrometheusHandle) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n");
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n");
+        resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        return resp;
     }
     match req.uri().path() {
         "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", prom.render()),
         "/livez" => text(StatusCode::OK, PLAIN, "ok\n"),
         "/readyz" => {
-            if let Some(cache) = ctx.cache.as_ref().filter(|c| ctx.upstream.is_up() && !c.is_up()) {
+            if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "shutting down\n")
+            } else if let Some(cache) = ctx.cache.as_ref().filter(|c| ctx.upstream.is_up() && !c.is_up()) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,

@@ -592,10 +592,18 @@ impl Config {
     /// Checks every value; lists every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        let mut bound = Vec::new();
         for (key, addr) in [("listen", &self.listen), ("admin_listen", &self.admin_listen)] {
-            if let Err(e) = resolve(addr) {
-                problems.push(format!("{key}: {e}"));
+            match resolve(addr) {
+                Ok(a) => bound.push(a),
+                Err(e) => problems.push(format!("{key}: {e}")),
             }
+        }
+        if let [a, b] = bound[..]
+            && a == b
+            && a.port() != 0
+        {
+            problems.push(format!("admin_listen: {a} is also the client address (listen)"));
         }
         if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
             problems.push(format!("worker_threads: must be between 1 and {MAX_WORKER_THREADS}"));
@@ -707,7 +715,16 @@ pub fn redact_url(url: &str) -> String {
             let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        // Not a URL (a `/` or `@` left unencoded in the password, a bad port): everything
+        // between the scheme and the last `@` after the user name may be a secret.
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s + 3 => {
+                let user = url[s + 3..at].split(':').next().unwrap_or("");
+                format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+            }
+            _ => url.to_string(),
+        },
     }
 }
 
@@ -729,7 +746,7 @@ pub struct UpstreamTarget {
 impl UpstreamTarget {
     /// Parses `redis://[user:pass@]host:port[/db]`.
     pub fn parse(raw: &str) -> Result<UpstreamTarget, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        let url = url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL ({e})", redact_url(raw)))?;
         match url.scheme() {
             "redis" => {}
             "rediss" => return Err("TLS upstreams (rediss://) are not supported yet".into()),

@@ -66,7 +66,14 @@ fn init_logging(config: &Config) {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // A bad option is a configuration problem like any other: exit 64 (clap would exit 2).
+    let cli = Cli::try_parse().unwrap_or_else(|e| match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => e.exit(),
+        _ => {
+            let _ = e.print();
+            std::process::exit(EXIT_CONFIG)
+        }
+    });
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -90,6 +90,8 @@ pub struct Context {
     pub cache: Option<Arc<NearCache>>,
     /// Distributed locks and serial numbers, on connections of their own.
     pub locks: Arc<crate::locks::Locks>,
+    /// Set once shutdown begins: `/readyz` then fails, so no new traffic is routed here.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// Errors while starting.
@@ -165,6 +167,7 @@ impl Server {
             metrics: Metrics::get(),
             cache: config.near_cache.active().then(|| NearCache::new(&config.near_cache)),
             locks,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         // Serial counters are keys sidecache creates: the live TTL policy applies to them.
         let weak = Arc::downgrade(&ctx);
@@ -203,7 +206,7 @@ impl Server {
         tokio::spawn(ctx.locks.clone().listen(background.clone()));
 
         let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(config.limits.max_clients));
+        let permits = Arc::new(Semaphore::new(fd_bounded_clients(config.limits.max_clients)));
         let ids = AtomicU64::new(1);
         let sessions: Arc<DashMap<u64, Arc<Signal>>> = Arc::new(DashMap::new());
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %redact_url(&config.upstream.url), "Accepting clients.");
@@ -249,6 +252,7 @@ impl Server {
             });
         }
         drop(listener);
+        ctx.draining.store(true, Ordering::Relaxed);
         // Accepting has stopped, so no session is added after this.
         for session in sessions.iter() {
             session.value().raise();
@@ -262,6 +266,35 @@ impl Server {
         }
         background.cancel();
     }
+}
+
+/// File descriptors kept for everything but clients and their upstream connections.
+const RESERVED_FDS: u64 = 64;
+
+/// `max_clients`, lowered as Redis lowers `maxclients` when the open-files limit cannot hold
+/// that many clients: each client takes a descriptor and may need a dedicated upstream
+/// connection. The soft limit is first raised as far as the hard limit allows.
+fn fd_bounded_clients(max_clients: usize) -> usize {
+    let wanted = (max_clients as u64).saturating_mul(2).saturating_add(RESERVED_FDS);
+    let limit = match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the open-files limit; max_clients is not checked against it.");
+            return max_clients;
+        }
+    };
+    if limit >= wanted {
+        return max_clients;
+    }
+    let fits = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX).max(1);
+    tracing::warn!(
+        max_clients,
+        open_files_limit = limit,
+        lowered_to = fits,
+        "The open-files limit cannot hold max_clients clients (each may need two descriptors); \
+         clients beyond the lower number get '-ERR max number of clients reached'."
+    );
+    fits
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ const READ_MAX: usize = 16 * 1024;
 const READ_KEEP: usize = 4 * 1024;
 /// While a client waits for a reply, its socket is read until this much is buffered.
 const HOLD_READ_MAX: usize = 64 * 1024;
-/// How long a closing session waits for its last replies to be written.
+/// How long a closing session waits for its last replies to be written (outside a shutdown).
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Timing and labelling of one command, recorded when its reply is ready.
@@ -348,9 +348,17 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
             Stop::Drain => {
                 let _ = session.flush().await;
                 let _ = session.slots.0.push(Slot::Close).await;
+                // When the server is stopping, its `shutdown_grace` bounds this wait instead.
+                let close_wait = async {
+                    if stopping.is_raised() {
+                        std::future::pending().await
+                    } else {
+                        tokio::time::sleep(CLOSE_WAIT).await
+                    }
+                };
                 tokio::select! {
                     _ = written.raised() => {}
-                    _ = tokio::time::sleep(CLOSE_WAIT) => kill.raise(),
+                    _ = close_wait => kill.raise(),
                     _ = kill.raised() => {}
                 }
             }

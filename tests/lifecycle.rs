@@ -47,6 +47,17 @@ fn check_config_lists_every_problem_and_exits_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_clientz"));
     let out = std::process::Command::new(sidecache_bin()).args(["--check-config"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // A bad option, the two ports alike, a password in a URL that does not parse: 64, and the
+    // password is not shown.
+    let run = |args: &[&str]| std::process::Command::new(sidecache_bin()).args(args).output().unwrap();
+    assert_eq!(run(&["--log-format", "xml", "--check-config"]).status.code(), Some(64));
+    let out = run(&["--listen", "127.0.0.1:7100", "--admin-listen", "127.0.0.1:7100", "--check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin_listen"));
+    let out = run(&["--upstream", "redis://app:pa/ss3cret@127.0.0.1:6390", "--check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstream.url") && !err.contains("ss3cret"), "{err}");
 }
 
 #[test]
@@ -77,6 +88,18 @@ async fn admin_endpoints_report_health_and_metrics() {
     let redis = RedisServer::start();
     let proc = ProxyProcess::start(&redis.url(), &[]).await;
     assert_eq!(http_get(proc.admin, "/livez").await.0, 200);
+    // Other methods: 405, with the methods that are allowed.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(proc.admin).await.unwrap();
+        s.write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+        assert!(resp.to_ascii_lowercase().contains("\r\nallow: get, head\r\n"), "{resp}");
+    }
     let admin = proc.admin;
     eventually("readyz to turn 200", || async move { http_get(admin, "/readyz").await.0 == 200 }).await;
     let mut c = Client::connect(&proc.addr.to_string()).await;
@@ -446,4 +469,88 @@ async fn pools_no_session_uses_are_closed_by_the_sweep_and_others_stay() {
     upstream.connection(&again, 0).await.expect("a connection of the new pool");
     assert_eq!(connections_in_db(&redis, 3).await, 1);
     assert_eq!(upstream.pool_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_within_shutdown_grace_for_a_reply_that_takes_longer_than_five_seconds() {
+    let redis = RedisServer::start();
+    let proxy = ProxyProcess::start(&redis.url(), &[]).await; // shutdown_grace: the default 10 s
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    c.send(&[b"BLPOP", b"late", b"0"]).await;
+    eventually("the BLPOP reached Redis", || async { info_field(&redis.addr(), "blocked_clients").await == "1" }).await;
+    proxy.signal(libc::SIGTERM);
+    // Draining: not ready for new traffic, still alive.
+    eventually("/readyz fails once shutdown begins", || async { http_get(proxy.admin, "/readyz").await.0 == 503 })
+        .await;
+    assert_eq!(http_get(proxy.admin, "/readyz").await.1, "shutting down\n");
+    assert_eq!(http_get(proxy.admin, "/livez").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["LPUSH", "late", "v"]).await, b(":1\r\n"));
+    assert_eq!(c.read().await, b("*2\r\n$4\r\nlate\r\n$1\r\nv\r\n"), "the reply 5.5 s into the drain");
+    let mut proxy = proxy;
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait()).await.expect("exited").unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_a_large_reply_is_given_back_when_its_client_leaves() {
+    let redis = RedisServer::start();
+    let proxy = ProxyProcess::start(&redis.url(), &[]).await;
+    let mut c = Client::connect(&proxy.addr.to_string()).await;
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    let base = proxy.rss_bytes();
+    let value = vec![b'x'; 40 << 20];
+    assert_eq!(c.cmd_bin(&[b"SET", b"big", &value]).await, b("+OK\r\n"));
+    assert_eq!(c.cmd(&["GET", "big"]).await.len(), (40 << 20) + 13);
+    drop(c);
+    let p = &proxy;
+    eventually("RSS back within 16 MiB of the baseline", || async move { p.rss_bytes() < base + (16 << 20) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_clients_is_lowered_to_what_the_open_files_limit_holds() {
+    let redis = RedisServer::start();
+    // (128 − 64 reserved) / 2 descriptors per client = 32 clients.
+    let proxy = ProxyProcess::start_with_open_files(&redis.url(), &[], Some(128)).await;
+    let addr = proxy.addr.to_string();
+    let mut clients = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..120 {
+        let mut c = Client::connect(&addr).await;
+        let reply = c.cmd(&["PING"]).await;
+        if reply == b("+PONG\r\n") {
+            served += 1;
+        } else {
+            assert_eq!(reply, b("-ERR max number of clients reached\r\n"));
+            refused += 1;
+        }
+        clients.push(c);
+    }
+    assert_eq!((served, refused), (32, 88));
+    assert_eq!(http_get(proxy.admin, "/livez").await.0, 200);
+    assert!(proxy.log.lock().unwrap().contains("lowered_to=32"), "{}", proxy.log.lock().unwrap());
+    assert_eq!(clients[0].cmd(&["PING"]).await, b("+PONG\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_redis_that_never_answered_share_one_attempt_and_its_backoff() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.upstream.connect_timeout = Duration::from_millis(300)).await;
+    eventually("the health check connected", || async { proxy.http_get("/readyz").await.0 == 200 }).await;
+    let before = info_field(&redis.addr(), "total_connections_received").await;
+    redis.signal(libc::SIGSTOP);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let addr = proxy.addr.to_string();
+        tasks.push(tokio::spawn(async move { Client::connect(&addr).await.cmd(&["PING"]).await }));
+    }
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert!(reply.starts_with(b"-ERR sidecache: upstream"), "{reply:?}");
+    }
+    redis.signal(libc::SIGCONT);
+    let count = |s: String| s.trim().parse::<u64>().unwrap();
+    let opened = count(info_field(&redis.addr(), "total_connections_received").await) - count(before) - 1;
+    assert!(opened <= 6, "{opened} connections opened for 20 clients of an unresponsive Redis");
 }

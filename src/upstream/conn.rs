@@ -36,6 +36,8 @@ pub struct FrameReader {
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
+/// A read buffer larger than this is given back once it holds nothing.
+const READ_KEEP: usize = 256 * 1024;
 
 impl FrameReader {
     /// A reader with an empty buffer.
@@ -69,6 +71,11 @@ impl FrameReader {
     /// Reads once from the stream into the buffer.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<(), UpstreamError> {
         self.buf.reserve(READ_CHUNK);
+        // Reserving reclaims the whole allocation once the replies split from it are gone: one
+        // large reply would otherwise stay allocated for the connection's life.
+        if self.buf.is_empty() && self.buf.capacity() > READ_KEEP {
+            self.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
         let n = rd.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
         if n == 0 {
             return Err(UpstreamError::Closed);

@@ -39,7 +39,7 @@ pub enum UpstreamError {
     #[error("upstream unavailable: {0}")]
     Connect(String),
     /// Redis refused the handshake; holds Redis's error reply, which goes to the client as is.
-    #[error("upstream refused the handshake")]
+    #[error("upstream refused the handshake: {}", String::from_utf8_lossy(.0).trim_start_matches('-').trim_end())]
     Rejected(Bytes),
     /// Waiting out the reconnect backoff after a failure.
     /// Holds the failure's own text, which says what was unavailable.
@@ -206,6 +206,14 @@ pub struct Upstream {
     pools: DashMap<PoolKey, Arc<Pool>>,
     up: AtomicBool,
     down_reason: std::sync::Mutex<String>,
+    /// One connection attempt at a time per pool being made (waiters then find the pool, or
+    /// the failure's backoff).
+    opening: DashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>,
+    /// The last failure to reach Redis at all while making a pool, with the time until which
+    /// new pools are not tried, and how many failures in a row.
+    unreachable: std::sync::Mutex<Option<(Instant, UpstreamError, u32)>>,
+    /// Whether a health check has completed (the first failure is logged).
+    checked: AtomicBool,
     /// Woken when a shared connection is opened again after its predecessor failed: the
     /// address may now lead to another server (a moved DNS name or virtual IP), which the
     /// near-cache's invalidation link must follow.
@@ -231,6 +239,9 @@ impl Upstream {
             up: AtomicBool::new(false),
             down_reason: std::sync::Mutex::new("no health check has completed yet".into()),
             reconnected: tokio::sync::Notify::new(),
+            opening: DashMap::new(),
+            unreachable: std::sync::Mutex::new(None),
+            checked: AtomicBool::new(false),
         }
     }
 
@@ -254,18 +265,39 @@ impl Upstream {
         PoolKey { creds: self.default_creds.clone(), db: self.default_db, proto: Proto::Resp2 }
     }
 
-    /// The pool for `key`, created (after a successful handshake) when missing.
+    /// The pool for `key`, created (after a successful handshake) when missing. Sessions that
+    /// need the same missing pool wait for one attempt; while Redis cannot be reached, new
+    /// pools are tried again only after a backoff, and meanwhile the error comes at once.
     pub async fn pool(&self, key: &PoolKey) -> Result<Arc<Pool>, UpstreamError> {
         if let Some(pool) = self.pools.get(key).map(|p| p.value().clone()) {
             return Ok(pool);
         }
+        let gate = self.opening.entry(key.clone()).or_default().value().clone();
+        let _turn = gate.lock().await;
+        if let Some(pool) = self.pools.get(key).map(|p| p.value().clone()) {
+            return Ok(pool);
+        }
+        let failures = match &*self.unreachable.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((until, error, _)) if Instant::now() < *until => {
+                return Err(UpstreamError::Backoff(error.to_string()));
+            }
+            Some((_, _, failures)) => *failures,
+            None => 0,
+        };
         let hs = Handshake { creds: key.creds.clone(), db: key.db, proto: key.proto, name: None };
-        let (stream, reader) = match conn::open(&self.endpoint, &hs).await {
-            Ok(ok) => ok,
+        let opened = conn::open(&self.endpoint, &hs).await;
+        self.opening.remove(key);
+        let (stream, reader) = match opened {
+            Ok(ok) => {
+                *self.unreachable.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                ok
+            }
+            // Redis answered: its refusal concerns these credentials, not whether it is up.
+            Err(e @ UpstreamError::Rejected(_)) => return Err(e),
             Err(e) => {
-                if !matches!(e, UpstreamError::Rejected(_)) {
-                    Metrics::get().upstream_connect_failures.increment(1);
-                }
+                Metrics::get().upstream_connect_failures.increment(1);
+                let until = Instant::now() + self.backoff(failures + 1);
+                *self.unreachable.lock().unwrap_or_else(|p| p.into_inner()) = Some((until, e.clone(), failures + 1));
                 return Err(e);
             }
         };
@@ -407,6 +439,11 @@ impl Upstream {
 
     fn set_health(&self, result: Result<(), String>) {
         let up = result.is_ok();
+        if !self.checked.swap(true, Ordering::Relaxed)
+            && let Err(reason) = &result
+        {
+            tracing::warn!(%reason, "Upstream is unreachable.");
+        }
         if let Err(reason) = result {
             *self.down_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
         }

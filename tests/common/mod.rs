@@ -367,6 +367,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts the binary with `args` (plus ephemeral ports) and waits for its start line.
     pub async fn start(upstream: &str, args: &[&str]) -> ProxyProcess {
+        Self::start_with_open_files(upstream, args, None).await
+    }
+
+    /// `start`, with the open-files limit (soft and hard) set to `nofile` when given.
+    pub async fn start_with_open_files(upstream: &str, args: &[&str], nofile: Option<u64>) -> ProxyProcess {
         use tokio::io::AsyncBufReadExt;
         let mut cmd = tokio::process::Command::new(sidecache_bin());
         cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream])
@@ -374,6 +379,18 @@ impl ProxyProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(n) = nofile {
+            let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn sidecache binary");
         let stderr = child.stderr.take().unwrap();
         let mut lines = tokio::io::BufReader::new(stderr).lines();
