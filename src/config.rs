@@ -582,11 +582,20 @@ impl Config {
                 fig = fig.merge(Serialized::default(key, value));
             }
         }
-        let config: Config = fig.extract().map_err(|err| ConfigError {
+        // The layers merged as one tree first (a file that is not TOML fails here), then typed.
+        let tree: figment::value::Value = fig.extract().map_err(|err| ConfigError {
             problems: err.into_iter().map(|e| e.to_string().replace("default.", "")).collect(),
         })?;
-        config.validate()?;
-        Ok(config)
+        let (config, mut problems) = typed(tree);
+        if let Some(config) = &config
+            && let Err(e) = config.validate()
+        {
+            problems.extend(e.problems);
+        }
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError { problems }),
+        }
     }
 
     /// Checks every value; lists every problem found.
@@ -706,6 +715,66 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 /// Resolves a configured `host:port` to one socket address.
 pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
     resolve(addr)
+}
+
+/// Types the merged configuration tree, listing every key that does not fit rather than the
+/// first: each such key is reported, then set back to its default (or, if unknown, dropped)
+/// and the rest typed again. The configuration is `None` when a problem could not be set aside.
+fn typed(mut tree: figment::value::Value) -> (Option<Config>, Vec<String>) {
+    use figment::error::Kind;
+    use figment::value::Value;
+    /// The dictionary at `path`.
+    fn dict<'a>(tree: &'a mut Value, path: &[String]) -> Option<&'a mut figment::value::Dict> {
+        let mut node = tree;
+        for key in path {
+            let Value::Dict(_, d) = node else { return None };
+            node = d.get_mut(key)?;
+        }
+        match node {
+            Value::Dict(_, d) => Some(d),
+            _ => None,
+        }
+    }
+    let defaults = Value::serialize(Config::default()).ok();
+    let mut problems = Vec::new();
+    // Each round sets at least one key aside, and there are only so many keys.
+    for _ in 0..256 {
+        let errors = match tree.deserialize::<Config>() {
+            Ok(config) => return (Some(config), problems),
+            Err(errors) => errors,
+        };
+        let mut set_aside = false;
+        for e in errors {
+            let path: Vec<String> = e.path.iter().filter(|k| *k != "default").cloned().collect();
+            let shown = path.join(".");
+            let place = match &e.kind {
+                Kind::UnknownField(field, _) => {
+                    path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&path).join(".")
+                }
+                _ => shown.clone(),
+            };
+            problems.push(if place.is_empty() { e.kind.to_string() } else { format!("{place}: {}", e.kind) });
+            set_aside |= match (&e.kind, path.split_last()) {
+                (Kind::UnknownField(field, _), _) => {
+                    let parent = path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&path);
+                    dict(&mut tree, parent).is_some_and(|d| d.remove(field).is_some())
+                }
+                (_, Some((last, parent))) => {
+                    let default = defaults.clone().and_then(|d| d.find(&shown));
+                    match (dict(&mut tree, parent), default) {
+                        (Some(d), Some(v)) => d.insert(last.clone(), v).is_some_and(|old| old != d[last]),
+                        (Some(d), None) => d.remove(last).is_some(),
+                        (None, _) => false,
+                    }
+                }
+                _ => false,
+            };
+        }
+        if !set_aside {
+            break;
+        }
+    }
+    (None, problems)
 }
 
 /// The URL with its password replaced by `***` (for logs and `--print-config`).

@@ -45,6 +45,34 @@ fn check_config_lists_every_problem_and_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_clientz"));
+    // Keys that do not even parse are listed together with the rest, not just the first.
+    let mixed = dir.join("mixed.toml");
+    std::fs::write(
+        &mixed,
+        "listen = \"nope\"\nshutdown_grace = \"10\"\nbogus = 1\n[limits]\nmax_clients = 0\n\
+         max_bulk_bytes = \"lots\"\nmax_args = \"many\"\n[upstream]\nurl = \"http://x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(sidecache_bin())
+        .args(["--config", mixed.to_str().unwrap(), "--check-config"])
+        .env("SIDECACHE_LOCKS__MAX_LEASE", "forever")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "listen:",
+        "shutdown_grace:",
+        "`bogus`",
+        "limits.max_clients:",
+        "limits.max_bulk_bytes:",
+        "limits.max_args:",
+        "upstream.url:",
+        "locks.max_lease:",
+    ] {
+        assert!(err.contains(key), "problem {key} not reported: {err}");
+    }
+    assert_eq!(err.lines().count(), 8, "{err}");
     let out = std::process::Command::new(sidecache_bin()).args(["--check-config"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     // A bad option, the two ports alike, a password in a URL that does not parse: 64, and the
