@@ -56,17 +56,22 @@ fn bulk(s: &str) -> Bytes {
     b(&format!("${}\r\n{s}\r\n", s.len()))
 }
 
-/// After a write, the instance must converge on the new value and then never return the old.
-async fn converges(c: &mut Client, key: &str, want: &Bytes, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
+/// Waits until `GET key` answers `want` (through any errors on the way), at most `within`.
+async fn reads_within(c: &mut Client, key: &str, want: &Bytes, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         let got = c.cmd(&["GET", key]).await;
         if got == *want {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "{what}: still served {got:?}, want {want:?}");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// After a write, the instance must converge on the new value and then never return the old.
+async fn converges(c: &mut Client, key: &str, want: &Bytes, what: &str) {
+    reads_within(c, key, want, what, Duration::from_secs(2)).await;
     for _ in 0..50 {
         assert_eq!(&c.cmd(&["GET", key]).await, want, "{what}: an old value came back");
     }
@@ -929,19 +934,6 @@ async fn subcommand_writes_and_pfcount_are_seen_by_the_next_pipelined_read() {
     }
 }
 
-/// Waits until a client of `p` reads `want` for `key`, through any errors on the way.
-async fn reads(c: &mut Client, key: &str, want: &Bytes, what: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let got = c.cmd(&["GET", key]).await;
-        if got == *want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: still served {got:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_address_leads_to_another_redis_the_link_follows_the_data() {
     let first = RedisServer::start();
@@ -957,7 +949,8 @@ async fn when_the_address_leads_to_another_redis_the_link_follows_the_data() {
     // A moved virtual IP: new connections reach the second Redis, the link stays on the first.
     relay.redirect(second.port);
     relay.cut_data();
-    reads(&mut c, "master:k", &bulk("on-second"), "after the move, with only cache hits asked").await;
+    let what = "after the move, with only cache hits asked";
+    reads_within(&mut c, "master:k", &bulk("on-second"), what, PATIENCE).await;
     wait_coherent(&a).await;
     assert_eq!(stats(&mut c).await["coherence"], "tracking");
     // Cached again, from the second Redis, and its writes invalidate.
@@ -997,7 +990,7 @@ async fn writes_made_while_an_instances_link_is_down_are_announced_when_it_is_ba
     assert_eq!(ca.cmd(&["SET", "master:k", "new"]).await, b("+OK\r\n"));
     assert_eq!(cb.cmd(&["GET", "master:k"]).await, bulk("old"), "B heard nothing yet");
     relay.mute_link(false);
-    reads(&mut cb, "master:k", &bulk("new"), "B, once A's link is back").await;
+    reads_within(&mut cb, "master:k", &bulk("new"), "B, once A's link is back", PATIENCE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
