@@ -10,6 +10,10 @@
 #   -c 50 -P 16 -n 400000  GET/SET requests per second, pipelined
 #   -c 1 -n 20000          GET/SET p50 latency (added latency of sidecache over direct)
 #
+# For the -c 50 runs it also reports the CPU each process used per request (Redis and the proxy
+# from /proc, redis-benchmark from its wait status) and the throughput that much CPU allows on
+# this machine's cores: three processes share them, so this ceiling bounds the ratio to direct.
+#
 # and, on sidecache before any benchmark traffic: RSS per idle client (500 idle connections)
 # and how many upstream connections those clients cost (before and after one PING on 100 of them).
 #
@@ -281,13 +285,35 @@ declare -A SCENARIO_ARGS=([c50]="-c 50 -n 100000" [p16]="-c 50 -P 16 -n 400000" 
 RESULTS=$WORK/results
 mkdir -p "$RESULTS"
 
+# CPU per request: the CPU time Redis, the proxy and redis-benchmark use during each run, read
+# from /proc (Redis, proxy) and from the wait status of redis-benchmark (timed.py).
+declare -A PROXY_PID=([direct]="" [sidecache]=$SIDECACHE_PID [nutcracker]=$NUT_PID)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+cat >"$WORK/timed.py" <<'EOF'
+import resource, subprocess, sys
+# timed.py OUT COMMAND...: runs COMMAND, writes the CPU seconds it used (user + system) to OUT.
+code = subprocess.call(sys.argv[2:])
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    print(usage.ru_utime + usage.ru_stime, file=f)
+sys.exit(code)
+EOF
+
 for ((round = 1; round <= ROUNDS; round++)); do
     for scenario in "${SCENARIOS[@]}"; do
         for target in "${TARGETS[@]}"; do
             log "round $round/$ROUNDS: $scenario against $target"
+            proxy=${PROXY_PID[$target]}
+            redis_ticks=$(cpu_ticks "$REDIS_PID")
+            proxy_ticks=0
+            [[ -z $proxy ]] || proxy_ticks=$(cpu_ticks "$proxy")
             # shellcheck disable=SC2086 # SCENARIO_ARGS holds several words on purpose
-            redis-benchmark -h "$HOST" -p "${PORT[$target]}" -q -t get,set --csv ${SCENARIO_ARGS[$scenario]} \
+            python3 "$WORK/timed.py" "$RESULTS/$target.$scenario.$round.bench-cpu" \
+                redis-benchmark -h "$HOST" -p "${PORT[$target]}" -q -t get,set --csv ${SCENARIO_ARGS[$scenario]} \
                 >"$RESULTS/$target.$scenario.$round.csv" 2>>"$WORK/redis-benchmark.log"
+            redis_ticks=$(($(cpu_ticks "$REDIS_PID") - redis_ticks))
+            [[ -z $proxy ]] || proxy_ticks=$(($(cpu_ticks "$proxy") - proxy_ticks))
+            echo "$redis_ticks $proxy_ticks" >"$RESULTS/$target.$scenario.$round.ticks"
             grep -q '"GET"' "$RESULTS/$target.$scenario.$round.csv" \
                 || { echo "compare.sh: no GET result for $target $scenario" >&2; exit 1; }
         done
@@ -390,6 +416,30 @@ for scenario in ("c50", "p16", "c1"):
             vals = d["p50"] if scenario == "c1" else d["rps"]
             fmt = "{:.3f}" if scenario == "c1" else "{:,.0f}"
             print(f"  {labels[scenario]:<12} {test:<4} {target:<11} " + "  ".join(fmt.format(v) for v in vals))
+EOF
+    echo
+    python3 - "$RESULTS" "$(getconf CLK_TCK)" "$(nproc)" "${SCENARIO_ARGS[c50]}" <<'EOF'
+import glob, os, statistics, sys
+
+# CPU per request of each process during the -c 50 runs (GET and SET together), and the
+# throughput that this much CPU allows on this machine's cores when nothing else runs.
+results, hz, cpus = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+requests = 2 * int(sys.argv[4].split("-n ")[1].split()[0])  # -t get,set: -n of each
+print(f"CPU per request at -c 50 (us, user + system, median of rounds; GET and SET runs together):")
+print("  target        redis  proxy  redis-benchmark  total  CPU-bound ceiling (requests/s)")
+ceiling = {}
+for target in ("direct", "sidecache", "nutcracker"):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results, f"{target}.c50.*.ticks"))):
+        redis, proxy = (int(v) / hz for v in open(path).read().split())
+        bench = float(open(path.replace(".ticks", ".bench-cpu")).read())
+        rows.append([v * 1e6 / requests for v in (redis, proxy, bench)])
+    r, p, b = (statistics.median(col) for col in zip(*rows))
+    total = r + p + b
+    ceiling[target] = cpus * 1e6 / total
+    print(f"  {target:<11} {r:>7.1f} {p:>6.1f} {b:>16.1f} {total:>6.1f}  {ceiling[target]:>12,.0f}")
+print(f"  ceiling of sidecache / ceiling of direct: {ceiling['sidecache'] / ceiling['direct']:.2f}"
+      f" (nutcracker: {ceiling['nutcracker'] / ceiling['direct']:.2f})")
 EOF
     echo
     local per_client=$(((rss_after - rss_before) * 1024 / IDLE_CLIENTS))
