@@ -565,9 +565,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
+        // Keys set from the environment, with the variable that set them (to name it in problems).
+        let mut from_env: Vec<(String, &str)> = Vec::new();
         for (name, value) in env {
             if let Some(key) = env_key(name) {
                 fig = fig.merge(Serialized::default(&key, env_value(value)));
+                from_env.retain(|(k, _)| *k != key);
+                from_env.push((key, name));
             }
         }
         let pairs = [
@@ -580,6 +584,7 @@ impl Config {
         for (key, value) in pairs {
             if let Some(value) = value {
                 fig = fig.merge(Serialized::default(key, value));
+                from_env.retain(|(k, _)| k != key);
             }
         }
         // The layers merged as one tree first (a file that is not TOML fails here), then typed.
@@ -594,7 +599,7 @@ impl Config {
         }
         match config {
             Some(config) if problems.is_empty() => Ok(config),
-            _ => Err(ConfigError { problems }),
+            _ => Err(ConfigError { problems: problems.into_iter().map(|p| name_env_source(p, &from_env)).collect() }),
         }
     }
 
@@ -715,6 +720,22 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 /// Resolves a configured `host:port` to one socket address.
 pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
     resolve(addr)
+}
+
+/// A problem about a key that an environment variable set, with the variable named:
+/// `limits.max_clients: … (from SIDECACHE_LIMITS__MAX_CLIENTS)`. An unknown key is reported at
+/// its table (`limits: unknown field: found `max_clientz` …`), so that form is matched as well.
+fn name_env_source(problem: String, from_env: &[(String, &str)]) -> String {
+    let source = from_env.iter().find(|(key, _)| {
+        problem.strip_prefix(key.as_str()).is_some_and(|rest| rest.starts_with(':'))
+            || key
+                .rsplit_once('.')
+                .is_some_and(|(table, field)| problem.starts_with(&format!("{table}: unknown field: found `{field}`")))
+    });
+    match source {
+        Some((_, var)) => format!("{problem} (from {var})"),
+        None => problem,
+    }
 }
 
 /// Types the merged configuration tree, listing every key that does not fit rather than the
@@ -1003,6 +1024,31 @@ mod tests {
         assert_eq!(c.limits.max_clients, 5);
         assert_eq!(c.limits.max_output_bytes, 1 << 20);
         assert_eq!(c.upstream_target().unwrap().db, 2);
+    }
+
+    #[test]
+    fn problems_with_values_from_the_environment_name_the_variable() {
+        let env = [
+            ("SIDECACHE_LIMITS__MAX_CLIENTS".to_string(), "lots".to_string()),
+            ("SIDECACHE_LIMITS__MAX_ARGS".to_string(), "0".to_string()),
+            ("SIDECACHE_LIMITS__MAX_CLIENTZ".to_string(), "3".to_string()),
+            ("SIDECACHE_LOG_LEVEL".to_string(), "[[".to_string()),
+            ("SIDECACHE_LISTEN".to_string(), "nowhere".to_string()),
+        ];
+        // The command line's --listen wins over the environment, so its problem is not the variable's.
+        let cli = Overrides { listen: Some("nowhere either".into()), ..Default::default() };
+        let problems = Config::load(None, &env, &cli).unwrap_err().problems;
+        let line = |start: &str| problems.iter().find(|p| p.starts_with(start)).cloned().unwrap_or_default();
+        assert!(line("limits.max_clients:").ends_with("(from SIDECACHE_LIMITS__MAX_CLIENTS)"), "{problems:?}");
+        assert!(line("limits.max_args:").ends_with("(from SIDECACHE_LIMITS__MAX_ARGS)"), "{problems:?}");
+        assert!(
+            line("limits: unknown field: found `max_clientz`").ends_with("(from SIDECACHE_LIMITS__MAX_CLIENTZ)"),
+            "{problems:?}"
+        );
+        assert!(line("log_level:").ends_with("(from SIDECACHE_LOG_LEVEL)"), "{problems:?}");
+        let listen = line("listen:");
+        assert!(listen.contains("nowhere either") && !listen.contains("SIDECACHE_"), "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
     }
 
     #[test]
