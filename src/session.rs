@@ -337,6 +337,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
         locks: locks.clone(),
         hold: None,
         policy,
+        blocking_sent: false,
     };
     let reader = async {
         let stop = session.run(rd, &kill, &stopping).await;
@@ -404,6 +405,9 @@ struct Reader {
     hold: Option<oneshot::Receiver<()>>,
     /// The policy for the commands of the current read.
     policy: Arc<crate::server::Policy>,
+    /// A command that may block (`BLPOP`, `WAIT`…) was sent, and replies were outstanding
+    /// when last looked at: its reply may still be to come.
+    blocking_sent: bool,
 }
 
 impl Reader {
@@ -495,7 +499,8 @@ impl Reader {
                     }
                 };
                 match read {
-                    Ok(0) | Err(_) => return Stop::Abort,
+                    Ok(0) => return self.end_of_input(),
+                    Err(_) => return Stop::Abort,
                     Ok(n) if n == spare => chunk = (chunk * 2).min(READ_MAX),
                     Ok(_) => {}
                 }
@@ -505,6 +510,9 @@ impl Reader {
             }
             // One snapshot of the policy per read: a reload applies from the next read on.
             self.policy = self.ctx.policy.load_full();
+            if self.awaiting.load(Ordering::Relaxed) == 0 {
+                self.blocking_sent = false;
+            }
             let limits = self.policy.request_limits;
             while self.hold.is_none() {
                 match parser.next(&mut buf, &limits) {
@@ -540,6 +548,23 @@ impl Reader {
                 return stop;
             }
         }
+    }
+
+    /// The client shut its sending side, or closed. Redis answers the commands it read before
+    /// the end of input (a client that only half-closed still reads them), but drops a client
+    /// that waits in a blocking command, a subscription or `MONITOR`: then the dedicated
+    /// connection is closed, so Redis pops nothing for a client that is gone.
+    fn end_of_input(&mut self) -> Stop {
+        if self.awaiting.load(Ordering::Relaxed) == 0 {
+            self.blocking_sent = false;
+        }
+        let waits = self.hold.is_some()
+            || self.blocking_sent
+            || self.state.monitor
+            || !self.state.channels.is_empty()
+            || !self.state.patterns.is_empty()
+            || !self.state.shards.is_empty();
+        if waits { Stop::Abort } else { Stop::Drain }
     }
 
     async fn protocol_error(&mut self, e: RequestError) -> Stop {
@@ -1092,10 +1117,12 @@ impl Reader {
             }
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
             Kind::Blocking if !self.state.in_multi => {
+                self.blocking_sent = true;
                 self.pending_guard = self.ctx.cache.as_ref().and_then(|c| c.begin_write(&cmd));
                 self.forward(&cmd, meta, true).await?
             }
             Kind::Wait if !self.state.in_multi => {
+                self.blocking_sent = true;
                 // WAIT counts replicas that acknowledged this connection's last write. The
                 // client's writes went over the shared connection, so a PUBLISH on the dedicated
                 // one first moves its write offset past them (PUBLISH is propagated to replicas).

@@ -5,6 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
+use tokio::io::AsyncWriteExt;
 
 /// Runs `script` on a direct connection and through the proxy (on separate databases of the
 /// same Redis, so state does not collide) and asserts identical reply bytes.
@@ -334,6 +335,47 @@ async fn client_that_disconnects_while_blocked_pops_nothing() {
     let mut direct2 = Client::connect(&redis.addr()).await;
     assert_eq!(direct2.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
     assert_eq!(direct2.cmd(&["LRANGE", "q", "0", "-1"]).await, b("*1\r\n$8\r\nprecious\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_pipeline_gets_every_reply_as_from_redis() {
+    // `printf 'SET a 1\r\nGET a\r\n' | nc -N host port`: the client shuts its sending side
+    // once the pipeline is written and reads until the server closes. Redis answers all of it.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut pipeline = Vec::new();
+    for args in [&[&b"INCR"[..], b"ctr"][..], &[b"INCR", b"ctr"], &[b"SET", b"k", b"v"], &[b"GET", b"k"], &[b"PING"]] {
+        pipeline.extend_from_slice(&encode(args));
+    }
+    pipeline.extend_from_slice(b"GET ctr\r\n");
+    let half_close = |addr: String, pipeline: Vec<u8>| async move {
+        let mut c = Client::connect(&addr).await;
+        c.send_raw(&pipeline).await;
+        c.stream.shutdown().await.unwrap();
+        c.read_until_closed().await
+    };
+    let direct = half_close(redis.addr(), pipeline.clone()).await;
+    assert_eq!(direct, b(":1\r\n:2\r\n+OK\r\n$1\r\nv\r\n+PONG\r\n$1\r\n2\r\n"));
+    for round in 0..20 {
+        let mut c = Client::connect(&redis.addr()).await;
+        assert_eq!(c.cmd(&["DEL", "ctr"]).await.len(), 4);
+        let through = half_close(proxy.addr.to_string(), pipeline.clone()).await;
+        assert_eq!(through, direct, "round {round}: every reply, then the close");
+    }
+    // A client blocked in BLPOP that half-closes is gone for Redis too: nothing is popped for it.
+    let mut waiter = proxy.client().await;
+    waiter.send(&[b"BLPOP", b"q", b"0"]).await;
+    let addr = redis.addr();
+    eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
+    waiter.stream.shutdown().await.unwrap();
+    eventually("the blocked upstream connection to close", || async {
+        info_field(&addr, "blocked_clients").await == "0"
+    })
+    .await;
+    assert_eq!(waiter.read_until_closed().await, b(""));
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
+    assert_eq!(direct.cmd(&["LRANGE", "q", "0", "-1"]).await, b("*1\r\n$8\r\nprecious\r\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
