@@ -312,6 +312,131 @@ async fn upstream_reply_nested_200k_deep_is_an_error_not_a_crash() {
     assert!(fresh.cmd(&["GET", "k"]).await.starts_with(b"-ERR sidecache: upstream"));
 }
 
+/// Reads one command (a RESP array of bulk strings) from `buf`, reading more from `s` as needed.
+async fn read_command(s: &mut TcpStream, buf: &mut BytesMut) -> Option<Vec<Bytes>> {
+    loop {
+        if let Some((args, used)) = parse_command(buf) {
+            let _ = buf.split_to(used);
+            return Some(args);
+        }
+        if s.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+fn parse_command(buf: &[u8]) -> Option<(Vec<Bytes>, usize)> {
+    let line = |at: usize| -> Option<(usize, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?, end + 2))
+    };
+    let (n, mut at) = line(0)?;
+    let mut args = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, start) = line(at)?;
+        args.push(Bytes::copy_from_slice(buf.get(start..start + len)?));
+        at = start + len + 2;
+    }
+    (buf.len() >= at).then_some((args, at))
+}
+
+/// A fake Redis for replies real Redis never sends. It answers the connection handshake like
+/// Redis and `GET key` by the key: `slow-deep` after 300 ms with a reply nested 2000 levels
+/// deep, `no-crlf` with a bulk not followed by CRLF, `bad-int` with `:abc`, `then-close` with a
+/// value and then a close; anything else with the key as the value.
+async fn scripted_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake upstream");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                while let Some(args) = read_command(&mut s, &mut buf).await {
+                    let name = args[0].to_ascii_uppercase();
+                    let key = args.get(1).cloned().unwrap_or_default();
+                    let reply: Vec<u8> = match (&name[..], &key[..]) {
+                        (b"PING", _) => b"+PONG\r\n".to_vec(),
+                        (b"GET", b"slow-deep") => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let mut deep = b"*1\r\n".repeat(2000);
+                            deep.extend_from_slice(b":1\r\n");
+                            deep
+                        }
+                        (b"GET", b"no-crlf") => b"$3\r\nabcXY".to_vec(),
+                        (b"GET", b"bad-int") => b":abc\r\n".to_vec(),
+                        (b"GET", b"then-close") => {
+                            let _ = s.write_all(b"$1\r\nv\r\n").await;
+                            return;
+                        }
+                        (b"GET", _) => [format!("${}\r\n", key.len()).as_bytes(), &key, b"\r\n"].concat(),
+                        _ => b"+OK\r\n".to_vec(),
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_upstream_reply_is_reported_to_its_own_client_and_complete_replies_are_delivered() {
+    let addr = scripted_upstream().await;
+    let proxy = Proxy::start_config({
+        let mut config = test_config(&format!("redis://{addr}"));
+        // One shared connection: every client's commands queue on it.
+        config.upstream.pool_size = 1;
+        config
+    })
+    .await;
+    let lost = "-ERR sidecache: upstream connection lost; the command may or may not have run\r\n";
+    let recovered = |proxy: &Proxy| {
+        let addr = proxy.addr;
+        async move {
+            eventually("sidecache to serve again after the bad reply", || async move {
+                let mut c = Client::connect(&addr.to_string()).await;
+                c.cmd(&["GET", "fine"]).await == b("$4\r\nfine\r\n")
+            })
+            .await
+        }
+    };
+    // The client whose reply could not be framed is told why; the clients whose commands were
+    // queued behind it on the same connection are told that their commands may have run.
+    let mut culprit = proxy.client().await;
+    culprit.send(&[b"GET", b"slow-deep"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut behind = Vec::new();
+    for i in 0..3 {
+        let mut c = proxy.client().await;
+        c.send(&[b"GET", format!("k{i}").as_bytes()]).await;
+        behind.push(c);
+    }
+    assert_eq!(
+        culprit.read().await,
+        b("-ERR sidecache: upstream protocol error: reply nesting deeper than 1024 levels\r\n")
+    );
+    for (i, c) in behind.iter_mut().enumerate() {
+        assert_eq!(c.read().await, b(lost), "client {i}, queued behind the bad reply");
+    }
+    recovered(&proxy).await;
+    // A reply that came complete before Redis closed is delivered; the command after it fails.
+    let mut c = proxy.client().await;
+    c.send_raw(&[encode(&[b"GET", b"then-close"]), encode(&[b"GET", b"after"])].concat()).await;
+    assert_eq!(c.read().await, b("$1\r\nv\r\n"));
+    assert_eq!(c.read().await, b(lost));
+    recovered(&proxy).await;
+    // Malformed replies are never passed on to a client that could not parse them.
+    for key in ["no-crlf", "bad-int"] {
+        let mut c = proxy.client().await;
+        let reply = c.cmd(&["GET", key]).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("-ERR sidecache: upstream protocol error: "), "GET {key}: {text:?}");
+        recovered(&proxy).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbalanced_inline_quotes_are_refused_like_redis() {
     let redis = RedisServer::start();
@@ -394,6 +519,13 @@ async fn inline_line_over_64k_is_refused_like_redis() {
     let end = overlong_line();
     let limit = vec![b'a'; 65_536];
     diffs.check(&redis, &proxy, &[&limit, b"\r\n", PROBE, &end], Outcome::closed(&expected)).await;
+    // A longer line that arrives whole: Redis takes it (it checks its limit only while no
+    // newline has arrived); sidecache's limit holds however the bytes arrive.
+    let mut whole = vec![b'a'; 65_537];
+    whole.extend_from_slice(b"\r\n");
+    let mut c = proxy.client().await;
+    c.send_raw(&whole).await;
+    assert_eq!(c.read_until_closed().await, b(TOO_BIG_INLINE));
     still_serves(&proxy, &mut other, "inline-limit").await;
     diffs.assert_none();
 }

@@ -38,6 +38,10 @@ pub enum ReplyError {
     InvalidLength,
     #[error("streamed RESP3 aggregates are not supported")]
     Streamed,
+    #[error("bulk reply not followed by CRLF")]
+    UnterminatedBulk,
+    #[error("invalid {0} reply")]
+    InvalidValue(&'static str),
 }
 
 /// Resumable scanner for one reply at the front of a buffer.
@@ -74,7 +78,11 @@ impl ReplyScanner {
             let header = &buf[start + 1..nl - 1];
             let after = nl + 1;
             match kind {
-                b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => self.pos = after,
+                b'+' | b'-' | b',' => self.pos = after,
+                b':' | b'_' | b'#' | b'(' => {
+                    check_line(kind, header)?;
+                    self.pos = after;
+                }
                 b'$' | b'=' | b'!' => {
                     if header == b"-1" && kind == b'$' {
                         self.pos = after;
@@ -86,6 +94,9 @@ impl ReplyScanner {
                         let end = after + len as usize + 2;
                         if buf.len() < end {
                             return self.incomplete(buf, limits);
+                        }
+                        if &buf[end - 2..end] != b"\r\n" {
+                            return Err(ReplyError::UnterminatedBulk);
                         }
                         self.pos = end;
                     }
@@ -144,6 +155,21 @@ impl ReplyScanner {
         }
         Ok(None)
     }
+}
+
+/// Checks the text of a reply line whose type says what it holds (a client library parsing a
+/// malformed one would fail or, worse, read the stream out of step).
+fn check_line(kind: u8, text: &[u8]) -> Result<(), ReplyError> {
+    let (ok, what) = match kind {
+        b':' => (crate::protocol::request::parse_i64(text).is_some(), "integer"),
+        b'_' => (text.is_empty(), "null"),
+        b'#' => (text == b"t" || text == b"f", "boolean"),
+        _ => {
+            let digits = text.strip_prefix(b"-").unwrap_or(text);
+            (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit), "big number")
+        }
+    };
+    if ok { Ok(()) } else { Err(ReplyError::InvalidValue(what)) }
 }
 
 fn length(header: &[u8]) -> Result<u64, ReplyError> {
@@ -273,6 +299,31 @@ mod tests {
         // Found by fuzzing: an element that is only a line break used to panic.
         assert_eq!(scan_whole(b"\r\n"), Err(ReplyError::InvalidType(b'\r')));
         assert_eq!(scan_whole(b"*1\r\n\r\n"), Err(ReplyError::InvalidType(b'\r')));
+    }
+
+    #[test]
+    fn malformed_scalars_are_refused() {
+        assert_eq!(scan_whole(b"$3\r\nabcXY"), Err(ReplyError::UnterminatedBulk));
+        assert_eq!(scan_whole(b"*2\r\n=3\r\nabc\n\r:1\r\n"), Err(ReplyError::UnterminatedBulk));
+        assert_eq!(scan_whole(b":abc\r\n"), Err(ReplyError::InvalidValue("integer")));
+        assert_eq!(scan_whole(b":\r\n"), Err(ReplyError::InvalidValue("integer")));
+        assert_eq!(scan_whole(b"_x\r\n"), Err(ReplyError::InvalidValue("null")));
+        assert_eq!(scan_whole(b"#y\r\n"), Err(ReplyError::InvalidValue("boolean")));
+        assert_eq!(scan_whole(b"(12a\r\n"), Err(ReplyError::InvalidValue("big number")));
+        // What Redis sends is accepted.
+        for ok in [
+            &b":-9223372036854775808\r\n"[..],
+            b":0\r\n",
+            b"_\r\n",
+            b"#t\r\n",
+            b"#f\r\n",
+            b"(-123456789012345678901234567890\r\n",
+            b",-inf\r\n",
+            b",1.5e+300\r\n",
+            b"$0\r\n\r\n",
+        ] {
+            assert_eq!(scan_whole(ok), Ok(Some(ok.len())), "{}", String::from_utf8_lossy(ok));
+        }
     }
 
     #[test]

@@ -210,12 +210,12 @@ impl RequestParser {
         limits: &RequestLimits,
         too_big: RequestError,
     ) -> Result<Option<Option<i64>>, RequestError> {
-        let Some(cr) = memchr::memchr(b'\r', buf) else {
-            if buf.len() > limits.max_inline_bytes {
-                return Err(too_big);
-            }
-            return Ok(None);
-        };
+        // The limit holds however the bytes arrive (Redis checks it only while no `\r` is found).
+        let cr = memchr::memchr(b'\r', buf);
+        if cr.unwrap_or(buf.len()) > limits.max_inline_bytes {
+            return Err(too_big);
+        }
+        let Some(cr) = cr else { return Ok(None) };
         if cr + 2 > buf.len() {
             return Ok(None);
         }
@@ -226,14 +226,20 @@ impl RequestParser {
 
     fn inline(&self, buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec<Bytes>>, RequestError> {
         // Redis finds the end of an inline line with strchr(), which stops at a NUL byte: a NUL
-        // before the newline hides it. The length limit applies only while no newline is found.
+        // before the newline hides it. Redis applies its length limit only while no newline is
+        // found, so a longer line passes when it arrives in one read; here the limit holds
+        // however the bytes arrive.
         let searchable = memchr::memchr(0, buf).unwrap_or(buf.len());
-        let Some(nl) = memchr::memchr(b'\n', &buf[..searchable]) else {
-            if buf.len() > limits.max_inline_bytes {
-                return Err(RequestError::TooBigInline);
-            }
-            return Ok(None);
+        let nl = memchr::memchr(b'\n', &buf[..searchable]);
+        let text = match nl {
+            Some(nl) if nl > 0 && buf[nl - 1] == b'\r' => nl - 1,
+            Some(nl) => nl,
+            None => buf.len(),
         };
+        if text > limits.max_inline_bytes {
+            return Err(RequestError::TooBigInline);
+        }
+        let Some(nl) = nl else { return Ok(None) };
         let line = buf.split_to(nl + 1);
         let mut end = nl;
         if end > 0 && line[end - 1] == b'\r' {
@@ -432,5 +438,14 @@ mod tests {
         // A NUL hides the newline from Redis's strchr(): the line never ends.
         let mut buf = BytesMut::from(&b"PING\0x\r\n"[..]);
         assert_eq!(RequestParser::new().next(&mut buf, &limits), Ok(None));
+        // The limit holds when the whole line arrives at once, too.
+        let mut buf = BytesMut::from(&b"ECHO aaaaaaaaaaaaaaaaaaaa\r\n"[..]);
+        assert_eq!(RequestParser::new().next(&mut buf, &limits), Err(RequestError::TooBigInline));
+        let mut buf = BytesMut::from(&b"ECHO aaaaaaaaaaa\r\n"[..]);
+        assert_eq!(RequestParser::new().next(&mut buf, &limits).unwrap().unwrap().len(), 2);
+        let mut buf = BytesMut::from(&b"ECHO aaaaaaaaaaaa\n"[..]);
+        assert_eq!(RequestParser::new().next(&mut buf, &limits), Err(RequestError::TooBigInline));
+        let mut buf = BytesMut::from(&b"*00000000000000001\r\n$4\r\nPING\r\n"[..]);
+        assert_eq!(RequestParser::new().next(&mut buf, &limits), Err(RequestError::TooBigMultibulkCount));
     }
 }

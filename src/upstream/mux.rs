@@ -8,8 +8,10 @@
 //! they arrive back to back and are handed over as one span. Waiters whose session is gone are
 //! skipped (their replies are dropped).
 //!
-//! When the socket fails, every waiter gets an error and the handle reports itself dead, so the
-//! pool opens a fresh connection: a late reply can never be handed to the wrong command.
+//! When the socket fails, the handle reports itself dead, so the pool opens a fresh connection:
+//! a late reply can never be handed to the wrong command. Replies that arrived complete are
+//! still delivered; every reply still owed becomes an error: the precise one (a reply that
+//! could not be framed) for the waiter it belongs to, "connection lost" for those behind it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,7 +268,27 @@ async fn read_loop(
         UpstreamError::Closed | UpstreamError::Io(_) => UpstreamError::Lost,
         other => other,
     };
-    fail_all(current.map(|c| c.waiter).into_iter().chain(waiters), &err);
+    // A reply that could not be framed is the first waiter's; the commands queued behind it
+    // were sent too and may have run, which is all their clients can be told.
+    let behind = match err {
+        UpstreamError::Protocol(_) => UpstreamError::Lost,
+        ref other => other.clone(),
+    };
+    let mut waiters = waiters.into_iter();
+    match current {
+        // Replies that arrived complete before the failure are delivered; the error stands for
+        // each reply still missing.
+        Some(Current { waiter, left, got: Some(mut got) }) if !got.is_empty() => {
+            let reply = err.to_reply();
+            for _ in 0..left {
+                got.extend_from_slice(&reply);
+            }
+            let _ = waiter.tx.send(Ok(got.freeze()));
+        }
+        Some(Current { waiter, .. }) => fail_all([waiter], &err),
+        None => fail_all(waiters.next(), &err),
+    }
+    fail_all(waiters, &behind);
 }
 
 /// Hands every complete reply in `reader` to its waiter, in order, under one lock: a waiter's
@@ -293,7 +315,15 @@ fn hand_out(
                 None => return Ok(()),
             },
         };
-        let Some((span, n)) = reader.buffered_many(cur.left)? else {
+        let scanned = match reader.buffered_many(cur.left) {
+            Ok(scanned) => scanned,
+            Err(e) => {
+                // The reply that could not be framed is this waiter's: it gets the error.
+                *current = Some(cur);
+                return Err(e);
+            }
+        };
+        let Some((span, n)) = scanned else {
             *current = Some(cur);
             return Ok(());
         };
