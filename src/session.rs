@@ -1871,7 +1871,13 @@ impl PubSubView {
         if self.monitor {
             return true;
         }
-        let Some(head) = reply::head(frame) else { return false };
+        let Some(head) = reply::head(frame) else {
+            // A push whose first elements are not both strings (an invalidation carries an
+            // array of keys) is not a reply all the same.
+            let push = frame.first() == Some(&b'>');
+            self.pushes |= push;
+            return push;
+        };
         self.pushes |= head.push;
         let first = head.first.map(|f| f.to_ascii_lowercase());
         let first = first.as_deref();

@@ -544,6 +544,27 @@ async fn a_watching_client_gets_ttls_without_losing_its_watch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracking_clients_invalidation_push_passes_the_policys_own_reply_and_replies_stay_in_order() {
+    // A RESP3 client with client-side caching: its write to a key it read comes back as the
+    // write's reply and then an invalidation push, which Redis sends between that reply and
+    // the reply to the policy's own expiry command on the dedicated connection.
+    let mut rig = Rig::start().await;
+    rig.resp3().await;
+    rig.setup(&["SET", "t:tracked", "o"]).await;
+    rig.both(&["CLIENT", "TRACKING", "ON"]).await;
+    assert_eq!(rig.both(&["GET", "t:tracked"]).await, b("$1\r\no\r\n"));
+    assert_eq!(rig.both(&["APPEND", "t:tracked", "v"]).await, b(":2\r\n"));
+    let push = b(">2\r\n$10\r\ninvalidate\r\n*1\r\n$9\r\nt:tracked\r\n");
+    assert_eq!(rig.proxied.read().await, push, "the invalidation push, through sidecache");
+    assert_eq!(rig.plain.read().await, push, "the invalidation push, from Redis");
+    assert_eq!(rig.both(&["PING"]).await, b("+PONG\r\n"));
+    assert_eq!(rig.both(&["GET", "t:tracked"]).await, b("$2\r\nov\r\n"));
+    assert_eq!(rig.both(&["ECHO", "hi"]).await, b("$2\r\nhi\r\n"));
+    let ttl = rig.pttl("t:tracked").await;
+    assert!(ttl > 0 && ttl <= DEFAULT_MS, "the write got the rule's TTL: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reply_off_and_skip_hide_exactly_what_redis_hides() {
     let mut rig = Rig::start().await;
     for c in [&mut rig.proxied, &mut rig.plain] {
