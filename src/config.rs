@@ -766,15 +766,31 @@ fn typed(mut tree: figment::value::Value) -> (Option<Config>, Vec<String>) {
         };
         let mut set_aside = false;
         for e in errors {
-            let path: Vec<String> = e.path.iter().filter(|k| *k != "default").cloned().collect();
+            // A path may start with figment's profile name ("default", which is also the name
+            // of a TTL rule's key, so only a leading one is dropped).
+            let skip = usize::from(e.path.first().is_some_and(|k| k == "default") && e.path.len() > 1);
+            let path: Vec<String> = e.path[skip..].to_vec();
             let shown = path.join(".");
             let place = match &e.kind {
                 Kind::UnknownField(field, _) => {
-                    path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&path).join(".")
+                    show_path(path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&path))
                 }
-                _ => shown.clone(),
+                _ => show_path(&path),
             };
             problems.push(if place.is_empty() { e.kind.to_string() } else { format!("{place}: {}", e.kind) });
+            // A problem inside a rule sets the whole rule aside: it becomes a placeholder that
+            // passes every check, so the other rules keep their numbers in later problems.
+            if let Some(at) = (1..path.len()).find(|&i| path[i].parse::<usize>().is_ok())
+                && let Some(Value::Array(_, rules)) =
+                    dict(&mut tree, &path[..at - 1]).and_then(|d| d.get_mut(&path[at - 1]))
+                && let Ok(i) = path[at].parse::<usize>()
+                && let Some(placeholder) = set_aside_rule(&path[..at], i)
+                && let Some(rule) = rules.get_mut(i)
+            {
+                set_aside |= *rule != placeholder;
+                *rule = placeholder;
+                continue;
+            }
             set_aside |= match (&e.kind, path.split_last()) {
                 (Kind::UnknownField(field, _), _) => {
                     let parent = path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&path);
@@ -796,6 +812,43 @@ fn typed(mut tree: figment::value::Value) -> (Option<Config>, Vec<String>) {
         }
     }
     (None, problems)
+}
+
+/// A key path as problems name it: `ttl.rules[1].default`.
+fn show_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for key in path {
+        if key.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{key}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(key);
+        }
+    }
+    out
+}
+
+/// A rule that passes every check and matches no key, standing in for a rule that does not
+/// parse while the rest of the configuration is checked.
+fn set_aside_rule(array: &[String], index: usize) -> Option<figment::value::Value> {
+    use figment::value::Value;
+    let prefix = format!("\0rule {index}, set aside");
+    match (array.first()?.as_str(), array.get(1)?.as_str()) {
+        ("ttl", "rules") => Value::serialize(crate::ttl::TtlRuleConfig {
+            name: None,
+            prefix,
+            db: None,
+            default: Duration::from_secs(1),
+            max: None,
+        })
+        .ok(),
+        ("near_cache", "rules") => {
+            Value::serialize(CacheRuleConfig { name: "set_aside".into(), prefix, db: None, max_ttl: None }).ok()
+        }
+        _ => None,
+    }
 }
 
 /// The URL with its password replaced by `***` (for logs and `--print-config`).
@@ -1049,6 +1102,34 @@ mod tests {
         let listen = line("listen:");
         assert!(listen.contains("nowhere either") && !listen.contains("SIDECACHE_"), "{problems:?}");
         assert_eq!(problems.len(), 5, "{problems:?}");
+    }
+
+    #[test]
+    fn a_rule_that_does_not_parse_hides_no_other_problem() {
+        let dir = std::env::temp_dir().join(format!("sidecache-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rules.toml");
+        std::fs::write(
+            &file,
+            "worker_threads = 100\n\
+             [[ttl.rules]]\nprefix = \"a:\"\ndefault = \"10m\"\nmax = \"1m\"\n\
+             [[ttl.rules]]\nprefix = \"b:\"\ndefault = \"10x\"\n\
+             [[ttl.rules]]\nprefix = \"c:\"\ndefault = \"1m\"\nmax = \"zz\"\n\
+             [[near_cache.rules]]\nname = \"n\"\nprefix = \"n:\"\nmax_ttl = \"5q\"\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&file), &[], &Overrides::default()).unwrap_err().problems;
+        for start in [
+            "worker_threads:",
+            "ttl.rules[0].max: 1m is shorter than default 10m",
+            "ttl.rules[1].default: \"10x\" is not a duration",
+            "ttl.rules[2].max: \"zz\" is not a duration",
+            "near_cache.rules[0].max_ttl: \"5q\" is not a duration",
+        ] {
+            assert!(problems.iter().any(|p| p.starts_with(start)), "{start} missing from {problems:?}");
+        }
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub const UPSTREAM_CONNECTIONS: &str = "sidecache_upstream_connections";
 pub const UPSTREAM_CONNECT_FAILURES: &str = "sidecache_upstream_connect_failures_total";
 /// Malformed input, by kind.
 pub const PROTOCOL_ERRORS: &str = "sidecache_protocol_errors_total";
-/// Keys the TTL policy gave their rule's TTL (or would have, in audit mode), by rule.
+/// Writes to ruled keys the TTL policy sent with their rule's TTL (or would have, in audit
+/// mode), by rule: counted when sent, not from what Redis then did.
 pub const TTL_APPLIED: &str = "sidecache_ttl_applied_total";
 /// Key-creating writes to keys that match no TTL rule (the key-naming lint), by database.
 pub const TTL_MISSING: &str = "sidecache_ttl_missing_total";
@@ -141,7 +142,10 @@ fn describe() {
     describe_counter!(CACHE_TOO_BIG, "Replies not cached because they exceed near_cache.max_value_bytes.");
     describe_gauge!(COHERENCE_UP, "1 while the near-cache is coherent and used, else 0.");
     describe_gauge!(COHERENCE_MODE, "1 for the coherence mode in use (tracking or pubsub).");
-    describe_counter!(TTL_APPLIED, "Written keys given (or, in audit mode, due) their TTL rule's TTL, by rule.");
+    describe_counter!(
+        TTL_APPLIED,
+        "Writes to ruled keys sent with their TTL rule's default TTL (set by Redis where the key has none) or with an explicit TTL lowered to the rule's max (in audit mode: that would have been), by rule."
+    );
     describe_counter!(TTL_MISSING, "Key-creating writes to keys that match no TTL rule, by database.");
     describe_counter!(TTL_UNENFORCED, "Writes to ruled keys the TTL policy cannot reach (scripts).");
 }
