@@ -262,6 +262,10 @@ impl NearCacheConfig {
             if !seen.insert((rule.prefix.clone(), rule.db)) {
                 problems.push(format!("{at}: another rule has the same prefix {:?} and db", rule.prefix));
             }
+            // The name is the `rule` label of the cache metrics: two rules would share series.
+            if let Some(j) = self.rules[..i].iter().position(|r| r.name == rule.name) {
+                problems.push(format!("{at}.name: {:?} is also near_cache.rules[{j}]'s name", rule.name));
+            }
             if rule.max_ttl.is_some_and(|t| t.is_zero()) {
                 problems.push(format!("{at}.max_ttl: must be greater than 0"));
             }
@@ -1129,6 +1133,14 @@ mod tests {
             assert!(problems.iter().any(|p| p.starts_with(start)), "{start} missing from {problems:?}");
         }
         assert_eq!(problems.len(), 5, "{problems:?}");
+        // Two near-cache rules with one name would share their metric series.
+        std::fs::write(
+            &file,
+            "[[near_cache.rules]]\nname = \"n\"\nprefix = \"a:\"\n[[near_cache.rules]]\nname = \"n\"\nprefix = \"b:\"\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&file), &[], &Overrides::default()).unwrap_err().problems;
+        assert_eq!(problems, ["near_cache.rules[1].name: \"n\" is also near_cache.rules[0]'s name"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

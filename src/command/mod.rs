@@ -268,15 +268,35 @@ fn family_of(name: &[u8]) -> Family {
         b"INFO" | b"DBSIZE" | b"FLUSHDB" | b"FLUSHALL" | b"CONFIG" | b"TIME" | b"COMMAND" | b"LASTSAVE" | b"SAVE"
         | b"BGSAVE" | b"BGREWRITEAOF" | b"SLOWLOG" | b"LATENCY" | b"MEMORY" | b"ACL" | b"DEBUG" | b"SHUTDOWN"
         | b"SWAPDB" | b"ROLE" | b"REPLICAOF" | b"SLAVEOF" | b"LOLWUT" | b"MODULE" => F::Server,
-        _ => match name.first() {
-            Some(b'H') => F::Hash,
-            Some(b'L') | Some(b'R') if name != b"RESTORE-ASKING" => F::List,
-            Some(b'S') => F::Set,
-            Some(b'Z') => F::SortedSet,
-            Some(b'X') => F::Stream,
-            Some(b'G') if name.starts_with(b"GEO") => F::Geo,
-            _ => F::Other,
-        },
+        b"HSET" | b"HSETNX" | b"HMSET" | b"HGET" | b"HMGET" | b"HGETALL" | b"HDEL" | b"HEXISTS" | b"HKEYS"
+        | b"HVALS" | b"HLEN" | b"HSTRLEN" | b"HINCRBY" | b"HINCRBYFLOAT" | b"HSCAN" | b"HRANDFIELD" => F::Hash,
+        b"LPUSH" | b"RPUSH" | b"LPUSHX" | b"RPUSHX" | b"LPOP" | b"RPOP" | b"LRANGE" | b"LLEN" | b"LINDEX" | b"LSET"
+        | b"LINSERT" | b"LREM" | b"LTRIM" | b"LPOS" | b"LMOVE" | b"RPOPLPUSH" | b"LMPOP" | b"BLPOP" | b"BRPOP"
+        | b"BLMOVE" | b"BRPOPLPUSH" | b"BLMPOP" => F::List,
+        b"SADD" | b"SREM" | b"SMEMBERS" | b"SISMEMBER" | b"SMISMEMBER" | b"SCARD" | b"SPOP" | b"SRANDMEMBER"
+        | b"SMOVE" | b"SINTER" | b"SINTERSTORE" | b"SINTERCARD" | b"SUNION" | b"SUNIONSTORE" | b"SDIFF"
+        | b"SDIFFSTORE" | b"SSCAN" => F::Set,
+        b"ZADD" | b"ZREM" | b"ZCARD" | b"ZCOUNT" | b"ZLEXCOUNT" | b"ZSCORE" | b"ZMSCORE" | b"ZRANK" | b"ZREVRANK"
+        | b"ZINCRBY" | b"ZRANGE" | b"ZRANGESTORE" | b"ZREVRANGE" | b"ZRANGEBYSCORE" | b"ZREVRANGEBYSCORE"
+        | b"ZRANGEBYLEX" | b"ZREVRANGEBYLEX" | b"ZPOPMIN" | b"ZPOPMAX" | b"ZMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"ZUNION" | b"ZUNIONSTORE" | b"ZINTER" | b"ZINTERSTORE" | b"ZINTERCARD" | b"ZDIFF"
+        | b"ZDIFFSTORE" | b"ZREMRANGEBYSCORE" | b"ZREMRANGEBYRANK" | b"ZREMRANGEBYLEX" | b"ZRANDMEMBER" | b"ZSCAN" => {
+            F::SortedSet
+        }
+        b"XADD" | b"XRANGE" | b"XREVRANGE" | b"XLEN" | b"XREAD" | b"XREADGROUP" | b"XGROUP" | b"XACK" | b"XPENDING"
+        | b"XCLAIM" | b"XAUTOCLAIM" | b"XDEL" | b"XTRIM" | b"XINFO" | b"XSETID" => F::Stream,
+        b"GEOADD"
+        | b"GEODIST"
+        | b"GEOHASH"
+        | b"GEOPOS"
+        | b"GEORADIUS"
+        | b"GEORADIUS_RO"
+        | b"GEORADIUSBYMEMBER"
+        | b"GEORADIUSBYMEMBER_RO"
+        | b"GEOSEARCH"
+        | b"GEOSEARCHSTORE" => F::Geo,
+        // Anything else, unknown commands included: a client's made-up name is no family's.
+        _ => F::Other,
     }
 }
 
@@ -286,6 +306,25 @@ mod tests {
 
     fn cmd(args: &[&str]) -> Command {
         Command::new(args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect())
+    }
+
+    #[test]
+    fn families_are_named_by_command_not_by_first_letter() {
+        for (name, family) in [
+            ("HSET", Family::Hash),
+            ("BLPOP", Family::List),
+            ("RPOPLPUSH", Family::List),
+            ("SINTERCARD", Family::Set),
+            ("BZPOPMIN", Family::SortedSet),
+            ("XREADGROUP", Family::Stream),
+            ("GEOSEARCH", Family::Geo),
+            ("HBOGUSX", Family::Other),
+            ("ZQQQ", Family::Other),
+            ("SNOPE", Family::Other),
+            ("RESTORE-ASKING", Family::Other),
+        ] {
+            assert_eq!(family_of(name.as_bytes()), family, "{name}");
+        }
     }
 
     #[test]
