@@ -387,3 +387,25 @@ impl LockMetrics {
         self.acquire[outcome as usize].increment(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every metric family this module names, and every family the README's "Metrics
+    /// reference" lists, are the same set.
+    #[test]
+    fn the_readme_lists_every_family() {
+        let source = include_str!("metrics.rs");
+        let mut defined: Vec<&str> = source
+            .lines()
+            .filter(|l| l.starts_with("pub const ") && l.contains("&str = \"sidecache_"))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        let readme = include_str!("../README.md");
+        let reference = readme.split("## Metrics reference").nth(1).and_then(|r| r.split("\n## ").next()).unwrap();
+        let mut listed: Vec<&str> =
+            reference.lines().filter_map(|l| l.strip_prefix("| `")?.split('`').next()).collect();
+        defined.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(listed, defined, "README's Metrics reference and src/metrics.rs name different families");
+    }
+}
