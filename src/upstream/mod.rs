@@ -421,7 +421,8 @@ impl Upstream {
         self.pools.len()
     }
 
-    /// Exponential backoff from 50 ms up to `max_backoff`, with jitter in [50%, 100%].
+    /// Exponential backoff: 50 ms × 2^`failures` (100 ms after the first failure) up to
+    /// `max_backoff`, with jitter in [50%, 100%].
     pub fn backoff(&self, failures: u32) -> Duration {
         let base = Duration::from_millis(50).saturating_mul(1 << failures.min(10)).min(self.max_backoff);
         base.mul_f64(0.5 + fastrand::f64() / 2.0)
