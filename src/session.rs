@@ -1527,7 +1527,10 @@ impl Reader {
                 "ERR sidecache: CLIENT REPLY inside MULTI is not supported (Redis's EXEC reply would be malformed)";
             return self.local(encode::error(msg), meta).await;
         }
-        if replies == 0 {
+        // A malformed `CLIENT REPLY` while replies are off or skipped gets no reply at all (the
+        // mode it would change stays as it is): nothing to learn, and no probe, which would
+        // confirm the dedicated connection with a `CLIENT REPLY ON` and so end its mode.
+        if replies == 0 && mode.is_some() {
             // OFF and SKIP get no reply when Redis takes them, so its refusal is learned first:
             // RESP2 subscribed mode allows no CLIENT command, and ACL rules are checked by
             // `CLIENT REPLY ON` on the shared connection (a no-op there).

@@ -338,6 +338,43 @@ async fn client_that_disconnects_while_blocked_pops_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_client_reply_leaves_replies_off_or_skipped_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let sequences: [&[&str]; 4] = [
+        &["CLIENT REPLY OFF", "CLIENT REPLY BAD", "PING", "GET x"],
+        &["CLIENT REPLY OFF", "CLIENT REPLY", "CLIENT REPLY ON extra", "ECHO hidden"],
+        &["CLIENT REPLY SKIP", "CLIENT REPLY BAD", "PING"],
+        &["CLIENT REPLY SKIP", "CLIENT REPLY BAD", "CLIENT REPLY SKIP", "ECHO hidden", "GET x"],
+    ];
+    // Each command is sent on its own, paced by a round trip on another connection (as a
+    // client typing them), then `CLIENT REPLY ON` and a marker end the transcript: everything
+    // before the marker is compared.
+    for commands in sequences {
+        let mut got = Vec::new();
+        for addr in [redis.addr(), proxy.addr.to_string()] {
+            let mut c = Client::connect(&addr).await;
+            let mut all = Vec::new();
+            for command in commands {
+                c.send_raw(format!("{command}\r\n").as_bytes()).await;
+                let mut other = Client::connect(&addr).await;
+                assert_eq!(other.cmd(&["PING"]).await, b("+PONG\r\n"));
+            }
+            c.send_raw(b"CLIENT REPLY ON\r\nECHO end\r\n").await;
+            loop {
+                let frame = c.read().await;
+                if frame == b("$3\r\nend\r\n") {
+                    break;
+                }
+                all.extend_from_slice(&frame);
+            }
+            got.push(Bytes::from(all));
+        }
+        assert_eq!(got[1], got[0], "{commands:?}: through sidecache, then from Redis");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_half_closes_after_its_pipeline_gets_every_reply_as_from_redis() {
     // `printf 'SET a 1\r\nGET a\r\n' | nc -N host port`: the client shuts its sending side
     // once the pipeline is written and reads until the server closes. Redis answers all of it.
