@@ -30,7 +30,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -990,6 +990,17 @@ impl Reader {
         }
         let pinned_mode = self.state.needs_pin();
         match cmd.kind {
+            Kind::Attack => {
+                warn_cross_protocol();
+                return Err(Stop::Abort);
+            }
+            Kind::Replication => {
+                let msg = format!(
+                    "ERR sidecache: {} (replication) is not supported through sidecache; connect to Redis directly",
+                    cmd.display_name().to_uppercase()
+                );
+                self.local(encode::error(&msg), meta).await?;
+            }
             Kind::Quit => {
                 self.local(encode::simple("OK"), meta).await?;
                 return Ok(false);
@@ -2380,6 +2391,17 @@ async fn held(hold: &mut Option<oneshot::Receiver<()>>) {
             let _ = rx.await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Logs, at most once a minute as Redis does, that a client sent `POST` or `Host:`.
+fn warn_cross_protocol() {
+    static LAST_MINUTE: AtomicU64 = AtomicU64::new(u64::MAX);
+    let minute = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60);
+    if LAST_MINUTE.swap(minute, Ordering::Relaxed) != minute {
+        tracing::warn!(
+            "Possible security attack: a client sent POST or Host: (an HTTP request to the Redis port); connection closed, as Redis closes it."
+        );
     }
 }
 

@@ -338,6 +338,56 @@ async fn client_that_disconnects_while_blocked_pops_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_would_take_over_a_shared_connection_stay_with_their_client() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    // An HTTP request sent to the port: Redis closes that client's connection without a reply
+    // (its cross-protocol scripting guard); sidecache closes the client, not a shared connection.
+    for request in [&b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
+        let mut got = Vec::new();
+        for addr in [redis.addr(), proxy.addr.to_string()] {
+            let mut c = Client::connect(&addr).await;
+            assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+            c.send_raw(request).await;
+            got.push(c.read_until_closed().await);
+        }
+        assert_eq!(got[1], got[0], "{}: through sidecache, then from Redis", String::from_utf8_lossy(request));
+    }
+    // A client's pipeline on the shared connection is untouched by another's HTTP request.
+    let mut counter = proxy.client().await;
+    let mut http = proxy.client().await;
+    http.send_raw(b"POST / HTTP/1.1\r\n\r\n").await;
+    counter.send_raw(&[encode(&[b"INCR", b"n"]), encode(&[b"INCR", b"n"]), encode(&[b"INCR", b"n"])].concat()).await;
+    for n in 1..=3 {
+        assert_eq!(counter.read().await, b(&format!(":{n}\r\n")));
+    }
+    assert_eq!(http.read_until_closed().await, b(""));
+    // The Lua debugger stays on the connection of the client that asked for it.
+    let mut debugger = proxy.client().await;
+    assert_eq!(debugger.cmd(&["SCRIPT", "DEBUG", "YES"]).await, b("+OK\r\n"));
+    let mut other = proxy.client().await;
+    for _ in 0..4 {
+        assert_eq!(other.cmd(&["EVAL", "return 1", "0"]).await, b(":1\r\n"));
+        assert_eq!(other.cmd(&["GET", "n"]).await, b("$1\r\n3\r\n"));
+    }
+    drop(debugger);
+    // Replication is refused in words; the client and the shared connections stay usable.
+    let mut replica = proxy.client().await;
+    for name in ["SYNC", "PSYNC"] {
+        let args: &[&str] = if name == "SYNC" { &["SYNC"] } else { &["PSYNC", "?", "-1"] };
+        let reply = replica.cmd(args).await;
+        assert_eq!(
+            reply,
+            b(&format!(
+                "-ERR sidecache: {name} (replication) is not supported through sidecache; connect to Redis directly\r\n"
+            ))
+        );
+        assert_eq!(replica.cmd(&["PING"]).await, b("+PONG\r\n"));
+        assert_eq!(other.cmd(&["GET", "n"]).await, b("$1\r\n3\r\n"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_client_reply_leaves_replies_off_or_skipped_as_redis_does() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis).await;

@@ -69,6 +69,12 @@ pub enum Kind {
     Wait,
     /// sidecache's own commands (`SIDECACHE …`, `LOCK.*`, `SERIAL.*`): never sent to Redis.
     Own,
+    /// `POST` or `Host:`: an HTTP request sent to the Redis port. Redis closes such a
+    /// connection without a reply (cross-protocol scripting), and so does sidecache.
+    Attack,
+    /// `SYNC`, `PSYNC`: replication would turn a shared connection into a replica link, whose
+    /// RDB transfer and command stream are not replies. Refused.
+    Replication,
 }
 
 /// Command families: the closed label set of `sidecache_commands_total{family}`.
@@ -198,6 +204,10 @@ fn classify(name: &[u8], args: &[Bytes]) -> (Kind, Family) {
     let sub = args.get(1);
     match name {
         b"QUIT" => (K::Quit, F::Connection),
+        b"POST" | b"HOST:" => (K::Attack, F::Other),
+        b"SYNC" | b"PSYNC" => (K::Replication, F::Server),
+        // The Lua debugger holds the connection that asked for it for the next scripts.
+        b"SCRIPT" if eq_upper(sub, b"DEBUG") => (K::Sticky, F::Scripting),
         b"RESET" => (K::Reset, F::Connection),
         b"AUTH" => (K::Auth, F::Connection),
         b"SELECT" => (K::Select, F::Connection),
