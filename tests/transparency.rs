@@ -319,22 +319,37 @@ async fn blpop_is_woken_by_another_client() {
     assert_eq!(waiter.cmd(&["LLEN", "queue"]).await, b(":0\r\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_that_disconnects_while_blocked_pops_nothing() {
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis).await;
+/// A client blocked in `BLPOP` leaves (`half_close`: shuts only its sending side; otherwise
+/// closes): its dedicated connection must close, so that Redis pops nothing nobody receives.
+async fn blocked_client_leaves_and_pops_nothing(redis: &RedisServer, proxy: &Proxy, half_close: bool) {
     let mut waiter = proxy.client().await;
     waiter.send(&[b"BLPOP", b"q", b"0"]).await;
     let addr = redis.addr();
     eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
-    drop(waiter);
+    let still_reading = if half_close {
+        waiter.stream.shutdown().await.unwrap();
+        Some(waiter)
+    } else {
+        drop(waiter);
+        None
+    };
     eventually("the blocked upstream connection to close", || async {
         info_field(&addr, "blocked_clients").await == "0"
     })
     .await;
-    let mut direct2 = Client::connect(&redis.addr()).await;
-    assert_eq!(direct2.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
-    assert_eq!(direct2.cmd(&["LRANGE", "q", "0", "-1"]).await, b("*1\r\n$8\r\nprecious\r\n"));
+    if let Some(mut waiter) = still_reading {
+        assert_eq!(waiter.read_until_closed().await, b(""), "no reply, then the close");
+    }
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
+    assert_eq!(direct.cmd(&["LPOP", "q"]).await, b("$8\r\nprecious\r\n"), "the element stayed in the list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_disconnects_while_blocked_pops_nothing() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    blocked_client_leaves_and_pops_nothing(&redis, &proxy, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,19 +465,7 @@ async fn a_client_that_half_closes_after_its_pipeline_gets_every_reply_as_from_r
         assert_eq!(through, direct, "round {round}: every reply, then the close");
     }
     // A client blocked in BLPOP that half-closes is gone for Redis too: nothing is popped for it.
-    let mut waiter = proxy.client().await;
-    waiter.send(&[b"BLPOP", b"q", b"0"]).await;
-    let addr = redis.addr();
-    eventually("BLPOP to be blocked in Redis", || async { info_field(&addr, "blocked_clients").await == "1" }).await;
-    waiter.stream.shutdown().await.unwrap();
-    eventually("the blocked upstream connection to close", || async {
-        info_field(&addr, "blocked_clients").await == "0"
-    })
-    .await;
-    assert_eq!(waiter.read_until_closed().await, b(""));
-    let mut direct = Client::connect(&redis.addr()).await;
-    assert_eq!(direct.cmd(&["RPUSH", "q", "precious"]).await, b(":1\r\n"));
-    assert_eq!(direct.cmd(&["LRANGE", "q", "0", "-1"]).await, b("*1\r\n$8\r\nprecious\r\n"));
+    blocked_client_leaves_and_pops_nothing(&redis, &proxy, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
