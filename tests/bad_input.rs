@@ -257,31 +257,43 @@ async fn client_nesting_200k_deep_is_refused_like_redis() {
     diffs.assert_none();
 }
 
-/// A fake Redis that answers everything it reads with a reply nested 200 000 levels deep.
-async fn deep_upstream() -> std::net::SocketAddr {
+/// Starts a fake Redis on a free port: `serve` runs for each connection it accepts.
+async fn fake_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake upstream");
     let addr = listener.local_addr().unwrap();
-    let mut deep = b"*1\r\n".repeat(200_000);
-    deep.extend_from_slice(b":1\r\n");
-    let deep = Bytes::from(deep);
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let deep = deep.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    if s.write_all(&deep).await.is_err() {
-                        return;
-                    }
-                }
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
+}
+
+/// A fake Redis that answers everything it reads with a reply nested 200 000 levels deep.
+async fn deep_upstream() -> std::net::SocketAddr {
+    let mut deep = b"*1\r\n".repeat(200_000);
+    deep.extend_from_slice(b":1\r\n");
+    let deep = Bytes::from(deep);
+    fake_upstream(move |mut s| {
+        let deep = deep.clone();
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if s.write_all(&deep).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,50 +352,64 @@ fn parse_command(buf: &[u8]) -> Option<(Vec<Bytes>, usize)> {
     (buf.len() >= at).then_some((args, at))
 }
 
+/// Complete commands at the start of `buf`.
+fn count_commands(buf: &[u8]) -> usize {
+    let (mut at, mut n) = (0, 0);
+    while let Some((_, used)) = parse_command(&buf[at..]) {
+        at += used;
+        n += 1;
+    }
+    n
+}
+
 /// A fake Redis for replies real Redis never sends. It answers the connection handshake like
-/// Redis and `GET key` by the key: `slow-deep` after 300 ms with a reply nested 2000 levels
-/// deep, `no-crlf` with a bulk not followed by CRLF, `bad-int` with `:abc`, `then-close` with a
-/// value and then a close; anything else with the key as the value.
-async fn scripted_upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake upstream");
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = BytesMut::new();
-                while let Some(args) = read_command(&mut s, &mut buf).await {
-                    let name = args[0].to_ascii_uppercase();
-                    let key = args.get(1).cloned().unwrap_or_default();
-                    let reply: Vec<u8> = match (&name[..], &key[..]) {
-                        (b"PING", _) => b"+PONG\r\n".to_vec(),
-                        (b"GET", b"slow-deep") => {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            let mut deep = b"*1\r\n".repeat(2000);
-                            deep.extend_from_slice(b":1\r\n");
-                            deep
+/// Redis and `GET key` by the key: `held-deep` (after raising `received`) once three more
+/// commands are queued behind it, with a reply nested 2000 levels deep; `no-crlf` with a bulk
+/// not followed by CRLF; `bad-int` with `:abc`; `then-close` with a value and then a close;
+/// anything else with the key as the value.
+async fn scripted_upstream(received: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
+    fake_upstream(move |mut s| {
+        let received = received.clone();
+        async move {
+            let mut buf = BytesMut::new();
+            while let Some(args) = read_command(&mut s, &mut buf).await {
+                let name = args[0].to_ascii_uppercase();
+                let key = args.get(1).cloned().unwrap_or_default();
+                let reply: Vec<u8> = match (&name[..], &key[..]) {
+                    (b"PING", _) => b"+PONG\r\n".to_vec(),
+                    (b"GET", b"held-deep") => {
+                        received.notify_one();
+                        while count_commands(&buf) < 3 {
+                            if s.read_buf(&mut buf).await.map_or(true, |n| n == 0) {
+                                return;
+                            }
                         }
-                        (b"GET", b"no-crlf") => b"$3\r\nabcXY".to_vec(),
-                        (b"GET", b"bad-int") => b":abc\r\n".to_vec(),
-                        (b"GET", b"then-close") => {
-                            let _ = s.write_all(b"$1\r\nv\r\n").await;
-                            return;
-                        }
-                        (b"GET", _) => [format!("${}\r\n", key.len()).as_bytes(), &key, b"\r\n"].concat(),
-                        _ => b"+OK\r\n".to_vec(),
-                    };
-                    if s.write_all(&reply).await.is_err() {
+                        let mut deep = b"*1\r\n".repeat(2000);
+                        deep.extend_from_slice(b":1\r\n");
+                        deep
+                    }
+                    (b"GET", b"no-crlf") => b"$3\r\nabcXY".to_vec(),
+                    (b"GET", b"bad-int") => b":abc\r\n".to_vec(),
+                    (b"GET", b"then-close") => {
+                        let _ = s.write_all(b"$1\r\nv\r\n").await;
                         return;
                     }
+                    (b"GET", _) => [format!("${}\r\n", key.len()).as_bytes(), &key, b"\r\n"].concat(),
+                    _ => b"+OK\r\n".to_vec(),
+                };
+                if s.write_all(&reply).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_upstream_reply_is_reported_to_its_own_client_and_complete_replies_are_delivered() {
-    let addr = scripted_upstream().await;
+    let received = Arc::new(tokio::sync::Notify::new());
+    let addr = scripted_upstream(received.clone()).await;
     let proxy = Proxy::start_config({
         let mut config = test_config(&format!("redis://{addr}"));
         // One shared connection: every client's commands queue on it.
@@ -405,8 +431,8 @@ async fn a_bad_upstream_reply_is_reported_to_its_own_client_and_complete_replies
     // The client whose reply could not be framed is told why; the clients whose commands were
     // queued behind it on the same connection are told that their commands may have run.
     let mut culprit = proxy.client().await;
-    culprit.send(&[b"GET", b"slow-deep"]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    culprit.send(&[b"GET", b"held-deep"]).await;
+    tokio::time::timeout(Duration::from_secs(10), received.notified()).await.expect("the fake Redis got GET held-deep");
     let mut behind = Vec::new();
     for i in 0..3 {
         let mut c = proxy.client().await;
