@@ -453,12 +453,15 @@ async fn a_bad_upstream_reply_is_reported_to_its_own_client_and_complete_replies
     assert_eq!(c.read().await, b("$1\r\nv\r\n"));
     assert_eq!(c.read().await, b(lost));
     recovered(&proxy).await;
-    // Malformed replies are never passed on to a client that could not parse them.
+    // Malformed replies are never passed on to a client that could not parse them; the
+    // command the same client pipelined behind is told it may have run, like other clients'.
     for key in ["no-crlf", "bad-int"] {
         let mut c = proxy.client().await;
-        let reply = c.cmd(&["GET", key]).await;
+        c.send_raw(&[encode(&[b"GET", key.as_bytes()]), encode(&[b"GET", b"after"])].concat()).await;
+        let reply = c.read().await;
         let text = String::from_utf8_lossy(&reply);
         assert!(text.starts_with("-ERR sidecache: upstream protocol error: "), "GET {key}: {text:?}");
+        assert_eq!(c.read().await, b(lost), "GET after, pipelined behind GET {key}");
         recovered(&proxy).await;
     }
 }

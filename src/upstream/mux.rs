@@ -275,18 +275,33 @@ async fn read_loop(
         ref other => other.clone(),
     };
     let mut waiters = waiters.into_iter();
-    match current {
-        // Replies that arrived complete before the failure are delivered; the error stands for
-        // each reply still missing.
-        Some(Current { waiter, left, got: Some(mut got) }) if !got.is_empty() => {
-            let reply = err.to_reply();
-            for _ in 0..left {
-                got.extend_from_slice(&reply);
-            }
-            let _ = waiter.tx.send(Ok(got.freeze()));
+    let first = match current {
+        Some(Current { waiter, left, got: Some(got) }) => Some((waiter, left, got)),
+        Some(Current { waiter, got: None, .. }) => {
+            // Over its session's output cap: that session is being closed anyway.
+            fail_all([waiter], &err);
+            None
         }
-        Some(Current { waiter, .. }) => fail_all([waiter], &err),
-        None => fail_all(waiters.next(), &err),
+        None => waiters.next().map(|w| {
+            let left = w.replies;
+            (w, left, BytesMut::new())
+        }),
+    };
+    // Replies that arrived complete before the failure are delivered. Of those still missing,
+    // the first gets the error, and the commands behind it (of the same waiter too) get what
+    // those of other waiters get.
+    if let Some((waiter, left, mut got)) = first {
+        if got.is_empty() && left == 1 {
+            // Nothing but the error: as an error, so the session knows Redis gave no verdict.
+            fail_all([waiter], &err);
+            return fail_all(waiters, &behind);
+        }
+        got.extend_from_slice(&err.to_reply());
+        let reply = behind.to_reply();
+        for _ in 1..left {
+            got.extend_from_slice(&reply);
+        }
+        let _ = waiter.tx.send(Ok(got.freeze()));
     }
     fail_all(waiters, &behind);
 }

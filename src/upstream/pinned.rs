@@ -42,15 +42,11 @@ impl Pinned {
         let (stream, mut reader) = conn::open(ep, hs).await?;
         let (mut rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(FRAME_QUEUE);
-        Metrics::get().upstream_connections.increment(1.0);
+        // Counted down when the reader's future is dropped: also when it is aborted before it
+        // first ran (a client that leaves at once).
+        let gauge = Gauge::up();
         let task = tokio::spawn(async move {
-            struct Gauge;
-            impl Drop for Gauge {
-                fn drop(&mut self) {
-                    Metrics::get().upstream_connections.decrement(1.0);
-                }
-            }
-            let _gauge = Gauge;
+            let _gauge = gauge;
             loop {
                 let frame = reader.next(&mut rd).await;
                 let end = frame.is_err();
@@ -71,6 +67,22 @@ impl Pinned {
     /// Writes encoded commands.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
         self.wr.write_all(bytes).await.map_err(|e| UpstreamError::Io(e.to_string()))
+    }
+}
+
+/// One open dedicated connection in `sidecache_upstream_connections`, for as long as it lives.
+struct Gauge;
+
+impl Gauge {
+    fn up() -> Gauge {
+        Metrics::get().upstream_connections.increment(1.0);
+        Gauge
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        Metrics::get().upstream_connections.decrement(1.0);
     }
 }
 
