@@ -304,12 +304,12 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
     let budget = Arc::new(ReplyBudget::new(policy.max_output_bytes, kill.clone()));
     let (rd, wr) = stream.into_split();
     let slots = Arc::new(SlotQueue::new(policy.max_pipeline));
-    let awaiting = Arc::new(AtomicUsize::new(0));
+    let activity = Arc::new(Activity::new());
     let written = Arc::new(Signal::new());
     let writer = {
         let written = written.clone();
         let write =
-            write_loop(wr, SlotReceiver(slots.clone()), budget.clone(), kill.clone(), ctx.clone(), awaiting.clone());
+            write_loop(wr, SlotReceiver(slots.clone()), budget.clone(), kill.clone(), ctx.clone(), activity.clone());
         async move {
             write.await;
             written.raise();
@@ -323,7 +323,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<Context>, id: u64, stopping: Arc<
         state: State::new(&initial),
         slots: SlotSender(slots),
         budget,
-        awaiting,
+        activity,
         batch: None,
         group: None,
         pinned: None,
@@ -377,8 +377,8 @@ struct Reader {
     state: State,
     slots: SlotSender,
     budget: Arc<ReplyBudget>,
-    /// Upstream replies the client is waiting for (the writer counts them down).
-    awaiting: Arc<AtomicUsize>,
+    /// What the writer tells the reader: replies awaited, and when it last wrote.
+    activity: Arc<Activity>,
     /// Commands for the multiplexed connection, sent at the end of the read batch.
     batch: Option<(MuxHandle, Batch)>,
     /// Consecutive commands at the end of `batch` that share one waiter and one slot.
@@ -417,6 +417,8 @@ impl Reader {
         let mut chunk = READ_MIN;
         let mut draining = false;
         let mut frame_started: Option<Instant> = None;
+        // Set when the idle timer fired early: the client's last reply is what it counts from.
+        let mut idle_from: Option<Instant> = None;
         let metrics = self.ctx.metrics;
         let mut rd = rd;
         loop {
@@ -428,7 +430,7 @@ impl Reader {
                 _ if holding => None,
                 (true, Some(t)) if !frame_deadline.is_zero() => Some((t + frame_deadline, "frame_deadline")),
                 _ if !idle_timeout.is_zero() && !self.state.needs_pin() => {
-                    Some((Instant::now() + idle_timeout, "idle_timeout"))
+                    Some((idle_from.take().unwrap_or_else(Instant::now) + idle_timeout, "idle_timeout"))
                 }
                 _ => None,
             };
@@ -458,9 +460,17 @@ impl Reader {
                     _ = stopping.raised(), if !in_frame && !holding => draining = true,
                     _ = timer => {
                         let kind = deadline.map_or("idle_timeout", |d| d.1);
-                        // Like Redis, a client waiting for a reply (blocked in BLPOP…) is not idle.
-                        if kind == "idle_timeout" && self.awaiting.load(Ordering::Relaxed) > 0 {
-                            continue;
+                        if kind == "idle_timeout" {
+                            // Like Redis, a client waiting for a reply (blocked in BLPOP…) is
+                            // not idle, and its idle time counts from its last reply too.
+                            if self.activity.awaiting.load(Ordering::Relaxed) > 0 {
+                                continue;
+                            }
+                            let replied = self.activity.last_reply();
+                            if replied + idle_timeout > Instant::now() {
+                                idle_from = Some(replied);
+                                continue;
+                            }
                         }
                         metrics.protocol_error(kind);
                         return Stop::Abort;
@@ -510,7 +520,7 @@ impl Reader {
             }
             // One snapshot of the policy per read: a reload applies from the next read on.
             self.policy = self.ctx.policy.load_full();
-            if self.awaiting.load(Ordering::Relaxed) == 0 {
+            if self.activity.awaiting.load(Ordering::Relaxed) == 0 {
                 self.blocking_sent = false;
             }
             let limits = self.policy.request_limits;
@@ -531,6 +541,11 @@ impl Reader {
                     }
                 }
             }
+            // Sending may wait for room in the reply queue (backpressure): a frame started in
+            // this read is timed from when reading resumes, not from before that wait.
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
             if self.hold.is_some() {
                 // The rest of the read waits; a frame started in it is timed from the wait's end.
                 frame_started = None;
@@ -544,9 +559,6 @@ impl Reader {
                     chunk = READ_MIN;
                 }
             }
-            if let Err(stop) = self.flush().await {
-                return stop;
-            }
         }
     }
 
@@ -555,7 +567,7 @@ impl Reader {
     /// that waits in a blocking command, a subscription or `MONITOR`: then the dedicated
     /// connection is closed, so Redis pops nothing for a client that is gone.
     fn end_of_input(&mut self) -> Stop {
-        if self.awaiting.load(Ordering::Relaxed) == 0 {
+        if self.activity.awaiting.load(Ordering::Relaxed) == 0 {
             self.blocking_sent = false;
         }
         let waits = self.hold.is_some()
@@ -612,7 +624,7 @@ impl Reader {
     /// Pushes a slot as it is; waits for room (sending what is queued first).
     async fn push_slot(&mut self, slot: Slot) -> Result<(), Stop> {
         if matches!(slot, Slot::Upstream(..) | Slot::Pinned { .. } | Slot::Later(..) | Slot::Waiting(..)) {
-            self.awaiting.fetch_add(1, Ordering::Relaxed);
+            self.activity.awaiting.fetch_add(1, Ordering::Relaxed);
         }
         match self.slots.0.try_push(slot) {
             Ok(()) => Ok(()),
@@ -912,8 +924,11 @@ impl Reader {
         if let Err(e) = self.ensure_pinned().await {
             // The connection state the client has, or asks for with `MULTI`/`WATCH`, cannot
             // exist: close after the error, as when that connection is lost, rather than run
-            // the commands that follow outside their transaction or context.
-            let stateful = self.state.needs_pin() || not_queued(args);
+            // the commands that follow outside their transaction or context. Redis refusing a
+            // client that has not authenticated is what it would answer `MULTI` itself, and
+            // leaves the connection usable.
+            let unauthenticated = matches!(&e, UpstreamError::Rejected(r) if r.starts_with(b"-NOAUTH "));
+            let stateful = self.state.needs_pin() || (not_queued(args) && !unauthenticated);
             self.local(e.to_reply(), meta).await?;
             return if stateful { Err(Stop::Drain) } else { Ok(false) };
         }
@@ -1122,9 +1137,11 @@ impl Reader {
                 }
             }
             Kind::Sticky => {
-                self.state.sticky = true;
                 let replies = self.expected_replies(1);
-                self.send_pinned(&[], &cmd.args, replies, meta, None).await?;
+                // Sticky once sent: a command that got no dedicated connection left no state.
+                if self.send_pinned(&[], &cmd.args, replies, meta, None).await? {
+                    self.state.sticky = true;
+                }
             }
             Kind::ClientReply => self.client_reply(&cmd, meta).await?,
             Kind::Blocking if !self.state.in_multi => {
@@ -1576,36 +1593,59 @@ impl Reader {
     }
 
     /// Moves the session to the pool for `key`, answering with Redis's own error when the
-    /// pool's handshake fails, else forwarding `args` there for Redis's own reply.
+    /// pool's handshake fails, else forwarding `args` there for Redis's own reply; true when
+    /// Redis accepted (see `try_move`).
+    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<bool, Stop> {
+        let (accepted, verdict) = self.try_move(key, args, meta).await?;
+        self.later(Box::pin(std::future::ready(verdict)), meta).await?;
+        Ok(accepted)
+    }
+
+    /// Moves the session to the pool for `key` if Redis accepts `args` there, and returns
+    /// whether it did with Redis's reply (and the budget it was charged); the caller answers.
+    /// The pool's handshake failing is Redis's verdict too.
     ///
     /// Redis judges the command on every use: an existing pool shows only that its credentials
     /// and database were accepted when it was made, and since then a password may have been
     /// reset, a user disabled, or `SELECT` or `HELLO` denied to the user. The session waits for
     /// the reply and keeps its previous state when it is an error, as a Redis connection does.
-    async fn move_to(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<bool, Stop> {
+    ///
+    /// When no verdict comes from Redis (it is down, or slower than the connect or command
+    /// timeout), the client gets the error and its connection is closed after it: Redis never
+    /// fails these commands for being slow, so the commands pipelined behind must not run in
+    /// the state the client meant to leave (another database, the URL's user).
+    async fn try_move(&mut self, key: PoolKey, args: &[Bytes], meta: Meta) -> Result<(bool, (Bytes, usize)), Stop> {
         self.flush().await?;
         if let Err(e) = self.ctx.upstream.pool(&key).await {
+            if let UpstreamError::Rejected(reply) = e {
+                return Ok((false, (reply, 0)));
+            }
             self.local(e.to_reply(), meta).await?;
-            return Ok(false);
+            return Err(Stop::Drain);
         }
         // Later commands go to another connection, so earlier ones must be answered first.
         self.barrier().await?;
         self.drop_pinned().await?;
         let before = self.state.key();
         self.state.set_key(key);
-        let (reply, charged) = match self.queue_pooled(args).await? {
+        let answer = match self.queue_pooled(args).await? {
             Ok(rx) => {
                 self.flush().await?;
-                charged_reply(rx.await)
+                rx.await.unwrap_or(Err(UpstreamError::Lost))
             }
-            Err(e) => (e.to_reply(), 0),
+            Err(e) => Err(e),
         };
-        let accepted = !reply::is_error(&reply);
+        let answered = answer.is_ok();
+        let verdict = charged_reply(Ok(answer));
+        let accepted = !reply::is_error(&verdict.0);
         if !accepted {
             self.state.set_key(before);
         }
-        self.later(Box::pin(std::future::ready((reply, charged))), meta).await?;
-        Ok(accepted)
+        if !answered {
+            self.later(Box::pin(std::future::ready(verdict)), meta).await?;
+            return Err(Stop::Drain);
+        }
+        Ok((accepted, verdict))
     }
 
     async fn select(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
@@ -1633,33 +1673,109 @@ impl Reader {
     }
 
     async fn hello(&mut self, cmd: &Command, meta: Meta) -> Result<(), Stop> {
-        let Some(hello) = parse_hello(cmd) else {
-            // Anything unusual: let Redis answer on the current connection (it changes nothing
-            // there when it is an error).
-            return self.send_pooled(&cmd.args, meta).await;
+        let hello = match parse_hello(cmd) {
+            // Nothing to apply, only Redis's error to give: any connection answers it alike.
+            None => return self.send_pooled(&cmd.args, meta).await,
+            Some(h) if h.steps.is_empty() && h.bad_option.is_some() => {
+                return self.send_pooled(&cmd.args, meta).await;
+            }
+            Some(h) => h,
         };
-        if let Some(name) = &hello.name
-            && let Err(e) = check_client_name(name)
-        {
-            return self.local(e, meta).await;
+        let proto = hello.proto.unwrap_or(self.state.proto);
+        let version = Bytes::from(proto.version().to_string());
+        let usual = hello.bad_option.is_none()
+            && hello.auths() <= 1
+            && hello.steps.iter().all(|s| !matches!(s, HelloStep::Name(n) if check_client_name(n).is_err()));
+        if !usual {
+            return self.hello_stepwise(cmd, &hello, version, meta).await;
         }
+        // The usual form: one verdict from Redis on the whole of it, forwarded without SETNAME
+        // (the name is the session's, not the shared connection's) and with AUTH, so that
+        // Redis checks the credentials.
         let mut key = self.state.key();
-        if let Some(proto) = hello.proto {
-            key.proto = proto;
+        key.proto = proto;
+        let mut forwarded = vec![Bytes::from_static(b"HELLO"), version];
+        for step in &hello.steps {
+            match step {
+                HelloStep::Name(_) => {}
+                HelloStep::Auth(creds) => {
+                    forwarded.push(Bytes::from_static(b"AUTH"));
+                    forwarded.extend(creds.user.clone());
+                    forwarded.push(creds.pass.clone());
+                    key.creds = Some(creds.clone());
+                }
+            }
         }
-        // Forwarded without SETNAME (the name is the session's, not the shared connection's),
-        // with AUTH so that Redis checks the credentials.
-        let mut forwarded = vec![Bytes::from_static(b"HELLO"), Bytes::from(key.proto.version().to_string())];
-        if let Some(creds) = hello.creds {
-            forwarded.push(Bytes::from_static(b"AUTH"));
-            forwarded.extend(creds.user.clone());
-            forwarded.push(creds.pass.clone());
-            key.creds = Some(creds);
+        let (accepted, mut verdict) = self.try_move(key, &forwarded, meta).await?;
+        // Redis names the connection before a wrong password or finding the client
+        // unauthenticated, which it says in `HELLO`'s own words.
+        let named = if accepted { Some(&hello.steps[..]) } else { hello.applied(&verdict.0) };
+        let name = named.and_then(|steps| {
+            steps.iter().rev().find_map(|s| match s {
+                HelloStep::Name(n) => Some(n.clone()),
+                HelloStep::Auth(_) => None,
+            })
+        });
+        if let Some(name) = name {
+            self.set_name(name).await?;
         }
-        if self.move_to(key, &forwarded, meta).await?
-            && let Some(name) = hello.name
-        {
-            self.state.name = if name.is_empty() { None } else { Some(name) };
+        if !accepted && hello.auths() == 0 && verdict.0.starts_with(b"-NOAUTH ") {
+            verdict = (encode::error(HELLO_NOAUTH), 0);
+        }
+        self.later(Box::pin(std::future::ready(verdict)), meta).await
+    }
+
+    /// `HELLO` with several passwords, a bad name, or an option that does not parse after some
+    /// that do: its steps are applied one by one, as Redis applies them, and never sent as
+    /// they are to a shared connection, where Redis would apply them for every client on it.
+    async fn hello_stepwise(&mut self, cmd: &Command, hello: &Hello, version: Bytes, meta: Meta) -> Result<(), Stop> {
+        for step in &hello.steps {
+            match step {
+                HelloStep::Name(n) => {
+                    if let Err(e) = check_client_name(n) {
+                        return self.local(e, meta).await;
+                    }
+                    self.set_name(n.clone()).await?;
+                }
+                HelloStep::Auth(creds) => {
+                    let mut key = self.state.key();
+                    key.creds = Some(creds.clone());
+                    let auth: Vec<Bytes> = [Bytes::from_static(b"AUTH")]
+                        .into_iter()
+                        .chain(creds.user.clone())
+                        .chain([creds.pass.clone()])
+                        .collect();
+                    let (accepted, verdict) = self.try_move(key, &auth, meta).await?;
+                    if !accepted {
+                        // `AUTH` and `HELLO` word a wrong password alike.
+                        return self.later(Box::pin(std::future::ready(verdict)), meta).await;
+                    }
+                    self.budget.release(verdict.1);
+                }
+            }
+        }
+        let mut forwarded = vec![Bytes::from_static(b"HELLO"), version];
+        match hello.bad_option {
+            Some(at) => {
+                // The options from the first bad one on: Redis's own syntax error, nothing applied.
+                forwarded.extend(cmd.args[at..].iter().cloned());
+                self.send_pooled(&forwarded, meta).await
+            }
+            None => {
+                let mut key = self.state.key();
+                key.proto = hello.proto.unwrap_or(key.proto);
+                self.move_to(key, &forwarded, meta).await.map(drop)
+            }
+        }
+    }
+
+    /// Names the session (an empty name clears it). An idle dedicated connection now has a
+    /// stale name: it is reopened when needed.
+    async fn set_name(&mut self, name: Bytes) -> Result<(), Stop> {
+        self.state.name = if name.is_empty() { None } else { Some(name) };
+        if self.pinned.is_some() {
+            self.barrier().await?;
+            self.drop_pinned().await?;
         }
         Ok(())
     }
@@ -1689,14 +1805,20 @@ impl Reader {
                 return self.later(Box::pin(std::future::ready(verdict)), meta).await;
             }
             self.budget.release(verdict.1);
-            self.state.name = if name.is_empty() { None } else { Some(name) };
-            // An idle dedicated connection now has a stale name: reopen it when needed. Without
-            // one there is nothing to wait for, so a pipeline is not stalled.
-            if self.pinned.is_some() {
-                self.barrier().await?;
-                self.drop_pinned().await?;
-            }
+            // Without a dedicated connection there is nothing to wait for: a pipeline is not
+            // stalled.
+            self.set_name(name).await?;
             self.local(encode::simple("OK"), meta).await
+        }
+    }
+
+    /// Takes on the credentials and name that `HELLO`'s steps gave the dedicated connection.
+    fn adopt_hello_steps(&mut self, steps: &[HelloStep]) {
+        for step in steps {
+            match step {
+                HelloStep::Auth(c) => self.state.creds = Some(c.clone()),
+                HelloStep::Name(n) => self.state.name = if n.is_empty() { None } else { Some(n.clone()) },
+            }
         }
     }
 
@@ -1726,6 +1848,17 @@ impl Reader {
             return Ok(());
         };
         if reply::is_error(&reply) {
+            // A failed `HELLO` may still have authenticated or named the connection.
+            if cmd.kind == Kind::Hello
+                && let Some(h) = parse_hello(cmd)
+            {
+                match h.applied(&reply) {
+                    Some(steps) => self.adopt_hello_steps(steps),
+                    // Which of its passwords failed cannot be told: the connection stays the
+                    // session's, whose state Redis knows.
+                    None => self.state.sticky = true,
+                }
+            }
             return Ok(());
         }
         match cmd.kind {
@@ -1745,12 +1878,7 @@ impl Reader {
                     if let Some(p) = h.proto {
                         self.state.proto = p;
                     }
-                    if let Some(c) = h.creds {
-                        self.state.creds = Some(c);
-                    }
-                    if let Some(n) = h.name {
-                        self.state.name = if n.is_empty() { None } else { Some(n) };
-                    }
+                    self.adopt_hello_steps(&h.steps);
                 }
             }
             Kind::ClientSetName => {
@@ -1779,15 +1907,51 @@ fn not_queued(args: &[Bytes]) -> bool {
     args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"MULTI") || n.eq_ignore_ascii_case(b"WATCH"))
 }
 
+/// Redis's answer to a `HELLO` without `AUTH` from a client that has not authenticated.
+const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
+                            HELLO AUTH <user> <pass> option can be used to authenticate the client and select \
+                            the RESP protocol version at the same time";
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]…]` as Redis 7.0 runs it: the version is
+/// checked first, then each option is applied in turn, so an option that fails (a wrong
+/// password, a bad name) or does not parse leaves the ones before it in effect.
 struct Hello {
     proto: Option<Proto>,
-    creds: Option<Creds>,
-    name: Option<Bytes>,
+    steps: Vec<HelloStep>,
+    /// Index in the arguments of the first option that does not parse; Redis applies the
+    /// steps before it and then answers with a syntax error.
+    bad_option: Option<usize>,
 }
 
-/// Parses `HELLO [protover [AUTH user pass] [SETNAME name]]`; `None` when Redis would refuse it.
+enum HelloStep {
+    Auth(Creds),
+    Name(Bytes),
+}
+
+impl Hello {
+    fn auths(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, HelloStep::Auth(_))).count()
+    }
+
+    /// The steps Redis applied when it answered `reply`, an error; `None` when that cannot be
+    /// told (one of several `AUTH`s failed). A bad name is refused before the steps after it,
+    /// a wrong password likewise; any other error comes after every step.
+    fn applied(&self, reply: &[u8]) -> Option<&[HelloStep]> {
+        let wrongpass = reply.starts_with(b"-WRONGPASS");
+        if wrongpass && self.auths() > 1 {
+            return None;
+        }
+        let stop = self.steps.iter().position(|s| match s {
+            HelloStep::Auth(_) => wrongpass,
+            HelloStep::Name(n) => check_client_name(n).is_err(),
+        });
+        Some(&self.steps[..stop.unwrap_or(self.steps.len())])
+    }
+}
+
+/// Parses `HELLO`; `None` when its version is not one Redis accepts (then nothing is applied).
 fn parse_hello(cmd: &Command) -> Option<Hello> {
-    let mut h = Hello { proto: None, creds: None, name: None };
+    let mut h = Hello { proto: None, steps: Vec::new(), bad_option: None };
     let args = cmd.params();
     let mut i = 0;
     if let Some(v) = args.first() {
@@ -1801,13 +1965,14 @@ fn parse_hello(cmd: &Command) -> Option<Hello> {
     while i < args.len() {
         let more = args.len() - 1 - i;
         if args[i].eq_ignore_ascii_case(b"AUTH") && more >= 2 {
-            h.creds = Some(Creds { user: Some(owned(&args[i + 1])), pass: owned(&args[i + 2]) });
+            h.steps.push(HelloStep::Auth(Creds { user: Some(owned(&args[i + 1])), pass: owned(&args[i + 2]) }));
             i += 3;
         } else if args[i].eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-            h.name = Some(owned(&args[i + 1]));
+            h.steps.push(HelloStep::Name(owned(&args[i + 1])));
             i += 2;
         } else {
-            return None;
+            h.bad_option = Some(i + 1);
+            break;
         }
     }
     Some(h)
@@ -2111,7 +2276,31 @@ struct Writer {
     pinned: Option<mpsc::Receiver<PinnedFrame>>,
     view: PubSubView,
     ctx: Arc<Context>,
-    awaiting: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
+}
+
+/// What the writer tells the reader about the client's replies.
+struct Activity {
+    /// Upstream replies the client is waiting for (the writer counts them down).
+    awaiting: AtomicUsize,
+    born: Instant,
+    /// When replies were last written, in milliseconds since `born`: like Redis, the idle
+    /// timeout counts from the client's last command or its last reply, whichever is later.
+    replied_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { awaiting: AtomicUsize::new(0), born: Instant::now(), replied_ms: AtomicU64::new(0) }
+    }
+
+    fn replied(&self) {
+        self.replied_ms.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last_reply(&self) -> Instant {
+        self.born + Duration::from_millis(self.replied_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Error: the client connection must close now.
@@ -2123,10 +2312,10 @@ async fn write_loop(
     budget: Arc<ReplyBudget>,
     kill: Arc<Signal>,
     ctx: Arc<Context>,
-    awaiting: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
 ) {
     let mut w =
-        Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx, awaiting };
+        Writer { wr, out: BytesMut::new(), budget, kill, pinned: None, view: PubSubView::default(), ctx, activity };
     let _ = w.run(&mut slots).await;
     let _ = w.flush().await;
     let _ = w.wr.shutdown().await;
@@ -2186,7 +2375,7 @@ impl Writer {
                             }
                         }
                     }
-                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
+                    self.activity.awaiting.fetch_sub(1, Ordering::Relaxed);
                     for meta in metas.as_slice() {
                         self.record(Some(*meta));
                     }
@@ -2247,7 +2436,7 @@ impl Writer {
                         self.view.monitor = true;
                     }
                     drop(guard);
-                    self.awaiting.fetch_sub(1, Ordering::Relaxed);
+                    self.activity.awaiting.fetch_sub(1, Ordering::Relaxed);
                     self.record(meta);
                 }
                 // A new connection has no subscriptions.
@@ -2296,7 +2485,7 @@ impl Writer {
         };
         self.budget.release(charged);
         self.out.extend_from_slice(&bytes);
-        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+        self.activity.awaiting.fetch_sub(1, Ordering::Relaxed);
         self.record(Some(meta));
         Ok(())
     }
@@ -2332,6 +2521,7 @@ impl Writer {
             _ = self.kill.raised() => return Err(Closed),
         };
         result.map_err(|_| Closed)?;
+        self.activity.replied();
         if self.out.capacity() > FLUSH_AT * 4 {
             self.out = BytesMut::new();
         } else {

@@ -584,3 +584,152 @@ async fn clients_of_a_redis_that_never_answered_share_one_attempt_and_its_backof
     let opened = count(info_field(&redis.addr(), "total_connections_received").await) - count(before) - 1;
     assert!(opened <= 6, "{opened} connections opened for 20 clients of an unresponsive Redis");
 }
+
+/// `SELECT`, `AUTH` and `HELLO` that get no verdict from Redis (stopped here; slower than the
+/// connect timeout in general) close the client after the error: Redis never fails them for
+/// being slow, so the commands pipelined behind them must not run in the state the client
+/// meant to leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_change_redis_gives_no_verdict_on_closes_the_client_rather_than_run_the_rest_elsewhere() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| {
+        quick_stall(c);
+        c.upstream.connect_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["ACL", "SETUSER", "alice", "on", ">apw", "~a:*", "+@all"]).await, b("+OK\r\n"));
+    let scripts: [&[&[&str]]; 3] = [
+        &[&["SELECT", "5"], &["SET", "nv:k", "meant-for-db5"]],
+        &[&["AUTH", "alice", "apw"], &["SET", "nv:k", "meant-for-alice"]],
+        &[&["HELLO", "3", "AUTH", "alice", "apw"], &["SET", "nv:k", "meant-for-alice"]],
+    ];
+    for script in scripts {
+        let mut c = proxy.client().await;
+        assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+        redis.signal(libc::SIGSTOP);
+        c.send_raw(&pipeline(script)).await;
+        let got = c.read_until_closed().await;
+        redis.signal(libc::SIGCONT);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("-ERR sidecache: ") && text.matches("\r\n").count() == 1,
+            "{:?}: one error, then the connection closed; got {text:?}",
+            script[0]
+        );
+        let mut check = Client::connect(&redis.addr()).await;
+        for db in ["0", "5"] {
+            assert_eq!(check.cmd(&["SELECT", db]).await, b("+OK\r\n"));
+            assert_eq!(check.cmd(&["EXISTS", "nv:k"]).await, b(":0\r\n"), "{:?}: the SET ran in db {db}", script[0]);
+        }
+        // The proxy recovers for the next round.
+        eventually("the proxy to reach Redis again", || async {
+            proxy.client().await.cmd(&["PING"]).await == b("+PONG\r\n")
+        })
+        .await;
+    }
+}
+
+fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
+    cmds.iter().flat_map(|c| encode(&c.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())).collect()
+}
+
+/// Like Redis, which counts a reply as activity, the idle timeout runs from a client's last
+/// reply: a client that waited longer than it for a reply is not closed just after getting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_counts_from_the_last_reply_too() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| c.limits.idle_timeout = Duration::from_secs(2)).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    let mut direct = Client::connect(&redis.addr()).await;
+    assert_eq!(direct.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"]).await, b("+OK\r\n"));
+    // Answered once the pause ends, about 3 s after it was sent: the idle timer has fired
+    // (and been put off) while the reply was awaited.
+    assert_eq!(c.cmd(&["SET", "idle:k", "v"]).await, b("+OK\r\n"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"), "closed less than idle_timeout after its last reply");
+    // And a client idle for longer than the timeout after its reply is still closed.
+    assert_eq!(c.read_until_closed().await, b(""));
+}
+
+/// A dedicated connection opened for a client that leaves at once is counted down in
+/// `sidecache_upstream_connections` like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_of_clients_that_left_at_once_are_counted_down() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    let series = "sidecache_upstream_connections ";
+    let baseline = metric(&proxy.http_get("/metrics").await.1, series);
+    for i in 0..30 {
+        let mut gone = proxy.client().await;
+        let cmd: &[&[u8]] = if i % 2 == 0 { &[b"SUBSCRIBE", b"gauge:c"] } else { &[b"BLPOP", b"gauge:l", b"0"] };
+        gone.send(cmd).await;
+        drop(gone);
+    }
+    eventually("the gauge to come back to its baseline", || async {
+        metric(&proxy.http_get("/metrics").await.1, series) == baseline
+    })
+    .await;
+}
+
+/// A client whose pipeline sidecache stopped reading (its reply queue full while Redis is
+/// slow) is not cut by the frame deadline for the time sidecache itself was not reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frame_deadline_does_not_count_time_sidecache_was_not_reading() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start_with(&redis, |c| {
+        c.limits.frame_deadline = Duration::from_secs(1);
+        c.limits.max_pipeline = 4;
+        c.upstream.command_timeout = Duration::ZERO;
+    })
+    .await;
+    let mut c = proxy.client().await;
+    assert_eq!(c.cmd(&["PING"]).await, b("+PONG\r\n"));
+    redis.signal(libc::SIGSTOP);
+    let value = vec![b'v'; 300_000];
+    let mut bytes = Vec::new();
+    for i in 0..20 {
+        bytes.extend(encode(&[b"SET", format!("fd:{i}").as_bytes(), &value]));
+    }
+    let (mut rd, mut wr) = c.stream.into_split();
+    let writer = tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut wr, &bytes).await.map(|_| wr) });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.signal(libc::SIGCONT);
+    let mut got = Vec::new();
+    let want = b"+OK\r\n".repeat(20);
+    tokio::time::timeout(PATIENCE, async {
+        while got.len() < want.len() {
+            let mut buf = [0u8; 256];
+            let n = tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await.expect("read");
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("every reply in time");
+    assert_eq!(got, want);
+    writer.await.unwrap().expect("the whole pipeline was taken");
+}
+
+/// A pool slot that cannot connect (Redis at `maxclients`) does not fail the clients it would
+/// serve while another slot's connection works; nor does the pools' credential recheck take
+/// Redis's client limit for a refusal of their credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_slot_that_cannot_connect_use_the_pools_working_connection() {
+    // Room for the health check and the pool's first connection only.
+    let redis = RedisServer::start_with(&["--maxclients", "2"]);
+    let proxy = Proxy::start(&redis).await;
+    let mut first = proxy.client().await;
+    assert_eq!(first.cmd(&["SET", "mc:k", "v"]).await, b("+OK\r\n"));
+    for round in 0..3 {
+        for i in 0..6 {
+            let mut c = proxy.client().await;
+            assert_eq!(c.cmd(&["GET", "mc:k"]).await, b("$1\r\nv\r\n"), "round {round}, client {i}");
+        }
+        // Past a recheck of the pools' credentials (every 2 s).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+}

@@ -1076,3 +1076,111 @@ async fn client_reply_modes_with_transactions_watch_wait_and_reset_match_redis()
     assert!(c.read().await.starts_with(b"-EXECABORT"));
     assert_eq!(c.read().await, b("+PONG\r\n"));
 }
+
+/// Redis 7.0 applies `HELLO`'s options one by one: an option that fails or does not parse
+/// leaves those before it in effect (a user authenticated, a name set). sidecache does the
+/// same for the client, on the shared connections as on a dedicated one, and never lets such
+/// a `HELLO` change the user or name of a shared connection other clients use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_options_apply_one_by_one_as_on_redis_and_never_to_other_clients() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut admin = Client::connect(&redis.addr()).await;
+    assert_eq!(admin.cmd(&["ACL", "SETUSER", "alice", "on", ">apw", "~*", "&*", "+@all"]).await, b("+OK\r\n"));
+    let hellos: &[&[&str]] = &[
+        &["HELLO", "3", "AUTH", "alice", "apw", "junk"],
+        &["HELLO", "2", "SETNAME", "evil", "junk"],
+        &["HELLO", "3", "AUTH", "alice", "apw", "AUTH", "alice"],
+        &["HELLO", "3", "AUTH", "alice", "apw", "SETNAME", "n m"],
+        &["HELLO", "3", "SETNAME", "good", "AUTH", "alice", "bad"],
+        &["HELLO", "3", "SETNAME", "good", "SETNAME", "bad name"],
+        &["HELLO", "3", "AUTH", "alice", "apw", "AUTH", "alice", "bad"],
+        &["HELLO", "3", "AUTH", "alice", "bad", "AUTH", "alice", "apw"],
+        &["HELLO", "3", "SETNAME", "bad name", "AUTH", "alice", "apw"],
+        &["HELLO", "3", "AUTH", "alice", "apw", "AUTH", "default", "x", "SETNAME", "n m"],
+    ];
+    let after: &[&[&str]] = &[&["ACL", "WHOAMI"], &["CLIENT", "GETNAME"], &["GET", "hello:missing"]];
+    let mut scripts: Vec<Vec<&[&str]>> = Vec::new();
+    for hello in hellos {
+        // On the shared connections, and on a dedicated one (kept by tracking).
+        scripts.push([&[*hello], after].concat());
+        scripts.push([&[&["CLIENT", "TRACKING", "on"][..], *hello], after, &[&["CLIENT", "TRACKING", "off"]]].concat());
+    }
+    let scripts: Vec<(usize, &[&[&str]])> = scripts.iter().map(|s| (0, &s[..])).collect();
+    same_streams(&redis, &proxy, &scripts).await;
+    // None of it reached other clients.
+    for i in 0..6 {
+        let mut c = proxy.client().await;
+        assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, b("$7\r\ndefault\r\n"), "fresh client {i}");
+        assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, b("$-1\r\n"), "fresh client {i}");
+    }
+    // (alice's own pools are alice's; the fresh clients above show the default user's are not.)
+    let list = String::from_utf8_lossy(&admin.cmd(&["CLIENT", "LIST"]).await).into_owned();
+    assert!(!list.contains("name=evil"), "a shared connection was named:\n{list}");
+}
+
+/// Redis keeps a connection's name and protocol across `AUTH` without asking the user's
+/// permission again, so the connections sidecache opens for a client carry them in a way that
+/// needs none either: a user without `CLIENT SETNAME` or `PING` works as on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_clients_name_and_protocol_needs_no_permission_redis_would_not_ask() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis).await;
+    let mut admin = Client::connect(&redis.addr()).await;
+    let app = ["ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@read", "+@write", "+@transaction"];
+    assert_eq!(admin.cmd(&[&app[..], &["+@pubsub", "+@blocking", "+ping"]].concat()).await, b("+OK\r\n"));
+    let pinned: &[&[&str]] =
+        &[&["MULTI"], &["SET", "rp:k", "v"], &["GET", "rp:k"], &["EXEC"], &["BLPOP", "rp:l", "0.1"], &["GET", "rp:k"]];
+    let scripts: Vec<Vec<&[&str]>> = vec![
+        [&[&["HELLO", "3", "AUTH", "app", "pw", "SETNAME", "svc"][..]], pinned].concat(),
+        [&[&["HELLO", "2", "AUTH", "app", "pw", "SETNAME", "svc"][..]], pinned].concat(),
+        [&[&["CLIENT", "SETNAME", "svc"][..], &["AUTH", "app", "pw"]], pinned].concat(),
+    ];
+    let scripts: Vec<(usize, &[&[&str]])> =
+        scripts.iter().enumerate().map(|(i, s)| (usize::from(i < 2), &s[..])).collect();
+    same_streams(&redis, &proxy, &scripts).await;
+
+    // A default user that may not `PING`: every client's commands still run.
+    assert_eq!(admin.cmd(&["ACL", "SETUSER", "default", "-ping"]).await, b("+OK\r\n"));
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // past a recheck of the pools
+    let mut c = proxy.client().await;
+    for (cmd, want) in [
+        (&["GET", "rp:none"][..], "$-1\r\n"),
+        (&["MULTI"], "+OK\r\n"),
+        (&["INCR", "rp:n"], "+QUEUED\r\n"),
+        (&["EXEC"], "*1\r\n:1\r\n"),
+        (&["PING"], "-NOPERM this user has no permissions to run the 'ping' command\r\n"),
+    ] {
+        assert_eq!(c.cmd(cmd).await, b(want), "{cmd:?} from the default user without ping");
+    }
+    assert_eq!(proxy.http_get("/readyz").await.0, 200, "Redis answering NOPERM to the health check is up");
+}
+
+/// A client that has not authenticated gets `NOAUTH` for commands that need a dedicated
+/// connection, as from Redis, and keeps its connection to authenticate next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_is_refused_as_by_redis_and_can_then_authenticate() {
+    let redis = RedisServer::start_with(&["--requirepass", "pw"]);
+    let proxy = Proxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["CLIENT", "ID"],
+        &["MULTI"],
+        &["WATCH", "ua:k"],
+        &["CLIENT", "TRACKING", "on"],
+        &["HELLO", "2"],
+        &["HELLO", "3", "SETNAME", "early"],
+        &["AUTH", "pw"],
+        &["CLIENT", "GETNAME"],
+        &["PING"],
+    ];
+    let mut replies = Vec::new();
+    for mut c in [Client::connect(&redis.addr()).await, proxy.client().await] {
+        c.send_raw(&pipeline(script)).await;
+        let mut got = Vec::new();
+        for _ in script {
+            got.push(String::from_utf8_lossy(&c.read().await).into_owned());
+        }
+        replies.push(got);
+    }
+    assert_eq!(replies[1], replies[0], "through sidecache (left) and from Redis (right)");
+}

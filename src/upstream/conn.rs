@@ -1,5 +1,5 @@
 //! Opening one connection to Redis: TCP connect, handshake that replays a session's state
-//! (`AUTH`, `HELLO 3`, `SELECT`, `CLIENT SETNAME`), and reading framed replies.
+//! (`AUTH`, `HELLO` with the protocol and the name, `SELECT`), and reading framed replies.
 //!
 //! Owns: the connect timeout, the handshake (one pipelined write, every reply checked), and
 //! `FrameReader`, which reads whole replies within the reply limits. Does not own: what runs
@@ -109,23 +109,22 @@ pub async fn open(ep: &Endpoint, hs: &Handshake) -> Result<(TcpStream, FrameRead
             }
             expected += 1;
         }
-        if hs.proto == Proto::Resp3 {
-            encode::command(&mut out, &[&b"HELLO"[..], b"3"]);
+        // The protocol and the name go in one `HELLO`, which Redis runs whatever the user's
+        // permissions (as it keeps a connection's name and protocol across `AUTH`): replayed as
+        // `CLIENT SETNAME` or checked with `PING`, they would fail for a user that may not run
+        // those. Without credentials, `HELLO` also tells whether Redis lets such a client in.
+        let hello = hs.proto == Proto::Resp3 || hs.name.is_some() || hs.creds.is_none();
+        if hello {
+            let proto: &[u8] = if hs.proto == Proto::Resp3 { b"3" } else { b"2" };
+            match &hs.name {
+                Some(name) => encode::command(&mut out, &[&b"HELLO"[..], proto, b"SETNAME", name]),
+                None => encode::command(&mut out, &[&b"HELLO"[..], proto]),
+            }
             expected += 1;
         }
         if hs.db != 0 {
             encode::command(&mut out, &[&b"SELECT"[..], itoa::Buffer::new().format(hs.db).as_bytes()]);
             expected += 1;
-        }
-        if let Some(name) = &hs.name {
-            encode::command(&mut out, &[&b"CLIENT"[..], b"SETNAME", name]);
-            expected += 1;
-        }
-        if expected == 0 {
-            // Nothing above would tell whether Redis lets a client without credentials in
-            // (`requirepass`, or a default user with a password): `PING` answers `-NOAUTH` then.
-            encode::command(&mut out, &[&b"PING"[..]]);
-            expected = 1;
         }
         let mut reader = FrameReader::new(ep.limits);
         {
@@ -142,6 +141,12 @@ pub async fn open(ep: &Endpoint, hs: &Handshake) -> Result<(TcpStream, FrameRead
                 }
             }
             if let Some(err) = first_error {
+                // `HELLO`'s own wording of `NOAUTH`; a client's command gets the usual one.
+                let err = if hs.creds.is_none() && err.starts_with(b"-NOAUTH ") {
+                    encode::error("NOAUTH Authentication required.")
+                } else {
+                    err
+                };
                 return Err(UpstreamError::Rejected(err));
             }
         }

@@ -313,10 +313,31 @@ impl Upstream {
     }
 
     /// A live connection of `pool` for the session numbered `session`, reconnecting (within
-    /// the backoff) when the slot's connection has failed.
+    /// the backoff) when the slot's connection has failed. When the session's own slot has no
+    /// connection and cannot get one (Redis at `maxclients`, or the slot waiting out its
+    /// backoff), another slot's live connection serves: one slot that cannot connect must not
+    /// fail a fixed share of the clients while the pool still has a working connection.
     pub async fn connection(&self, pool: &Pool, session: u64) -> Result<MuxHandle, UpstreamError> {
-        let slot = &pool.slots[(session % pool.slots.len() as u64) as usize];
-        let mut state = slot.lock().await;
+        let n = pool.slots.len();
+        let own = (session % n as u64) as usize;
+        let err = match self.slot_connection(pool, own).await {
+            Ok(h) => return Ok(h),
+            Err(e) => e,
+        };
+        for i in (1..n).map(|k| (own + k) % n) {
+            if let Ok(state) = pool.slots[i].try_lock()
+                && let SlotState::Up(h) = &*state
+                && h.is_alive()
+            {
+                return Ok(h.clone());
+            }
+        }
+        Err(err)
+    }
+
+    /// The connection of slot `index` of `pool`, opened when it has none (within the backoff).
+    async fn slot_connection(&self, pool: &Pool, index: usize) -> Result<MuxHandle, UpstreamError> {
+        let mut state = pool.slots[index].lock().await;
         let again = !matches!(&*state, SlotState::Empty);
         let failures = match &*state {
             SlotState::Up(h) if h.is_alive() => return Ok(h.clone()),
@@ -384,8 +405,10 @@ impl Upstream {
         let mut closed = 0;
         for key in keys {
             let hs = Handshake { creds: key.creds.clone(), db: key.db, proto: key.proto, name: None };
-            // A transport failure is the health check's concern; only Redis's refusal counts.
+            // A transport failure is the health check's concern; only Redis's refusal counts,
+            // and its client limit is no refusal of the credentials.
             if let Err(UpstreamError::Rejected(reply)) = conn::open(&self.endpoint, &hs).await
+                && !reply.starts_with(b"-ERR max number of clients reached")
                 && self.pools.remove(&key).is_some()
             {
                 closed += 1;
@@ -478,7 +501,9 @@ impl Upstream {
                 let (stream, reader) = conn.as_mut().ok_or("no connection")?;
                 tokio::io::AsyncWriteExt::write_all(stream, &ping).await.map_err(|e| e.to_string())?;
                 let reply = reader.next(stream).await.map_err(|e| e.to_string())?;
-                if crate::protocol::reply::is_error(&reply) {
+                // A user that may not run `PING` is still answered: Redis is up. Other errors
+                // (`LOADING`, `MASTERDOWN`, `NOAUTH`…) say it cannot serve.
+                if crate::protocol::reply::is_error(&reply) && !reply.starts_with(b"-NOPERM ") {
                     return Err(String::from_utf8_lossy(&reply).trim_end().to_string());
                 }
                 Ok::<(), String>(())
