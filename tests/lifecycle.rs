@@ -630,10 +630,6 @@ async fn a_state_change_redis_gives_no_verdict_on_closes_the_client_rather_than_
     }
 }
 
-fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
-    cmds.iter().flat_map(|c| encode(&c.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())).collect()
-}
-
 /// Like Redis, which counts a reply as activity, the idle timeout runs from a client's last
 /// reply: a client that waited longer than it for a reply is not closed just after getting it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -729,7 +725,7 @@ async fn clients_of_a_slot_that_cannot_connect_use_the_pools_working_connection(
             let mut c = proxy.client().await;
             assert_eq!(c.cmd(&["GET", "mc:k"]).await, b("$1\r\nv\r\n"), "round {round}, client {i}");
         }
-        // Past a recheck of the pools' credentials (every 2 s).
+        // The three rounds span one recheck of the pools' credentials (every 2 s).
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
 }

@@ -784,16 +784,6 @@ async fn commands_after_suppressed_replies_never_overtake_them() {
     }
 }
 
-/// Encodes several commands into one pipeline.
-fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in cmds {
-        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
-        out.extend(encode(&args));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skip_taken_by_a_command_sidecache_answers_leaves_the_next_reply_shown() {
     let redis = RedisServer::start();

@@ -254,6 +254,16 @@ pub fn encode(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// Encodes several commands into one pipeline.
+pub fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in cmds {
+        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+        out.extend(encode(&args));
+    }
+    out
+}
+
 impl Client {
     /// Connects to `addr`.
     pub async fn connect(addr: &str) -> Client {
